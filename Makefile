@@ -1,0 +1,19 @@
+# The two quickstart commands (README): each sets up .venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: env train test lint bench
+env:
+	bash scripts/setup_env.sh
+
+train: env
+	$(PY) tools/gift_bandit.py
+
+test: env lint
+	bash scripts/run_tests.sh
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+bench: env
+	$(PY) bench/logprob_memory.py

@@ -1,0 +1,39 @@
+"""The algorithm core: pure torch, no megatron-core or vLLM imports; process groups are arguments."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+from gift_megatron.algo.advantages import GroupFilter, group_advantages, overlong_penalty
+from gift_megatron.algo.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+from gift_megatron.algo.losses import LossBatch, LossNorm, aggregate, global_norm, gift_loss, gspo_loss, ppo_clip_loss
+
+ALGORITHMS = ("gift", "grpo", "dapo", "gspo")
+
+__all__ = [
+    "ALGORITHMS", "GroupFilter", "LossBatch", "LossNorm", "aggregate", "build_loss", "gift_loss",
+    "global_norm", "group_advantages", "gspo_loss", "overlong_penalty", "ppo_clip_loss",
+    "vocab_parallel_entropy", "vocab_parallel_logprobs",
+]
+
+
+def build_loss(algo: Any) -> Callable[..., Any]:
+    """The loss of `algo` (an AlgoConfig) as `fn(batch, norm, dp_group=...) -> (loss, metrics)`."""
+    if algo.name == "gift":
+        return partial(
+            gift_loss, baseline=algo.baseline, length_norm_power=algo.length_norm_power,
+            detach_stats=algo.detach_stats, implicit_std_floor=algo.implicit_std_floor,
+            z_scale=algo.z_scale, eps=algo.adv_eps,
+        )
+    if algo.name in ("grpo", "dapo"):  # DAPO is PPO-clip with its own defaults (conf/algo/dapo.yaml)
+        return partial(
+            ppo_clip_loss, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
+            kl_coef=algo.kl_coef, loss_agg_mode=algo.loss_agg_mode,
+        )
+    if algo.name == "gspo":
+        return partial(
+            gspo_loss, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
+            kl_coef=algo.kl_coef,
+        )
+    raise ValueError(f"unknown algo.name {algo.name!r}: use one of {ALGORITHMS}")

