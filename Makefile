@@ -7,7 +7,7 @@ env:
 	bash scripts/setup_env.sh
 
 train: env
-	$(PY) tools/gift_bandit.py
+	$(PY) bench/tabular_theory.py
 
 test: env lint
 	bash scripts/run_tests.sh

@@ -35,5 +35,4 @@ setup(
         "gpu": ["vllm", "transformer-engine[pytorch]"],
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "hypothesis"],
     },
-    entry_points={"console_scripts": ["gift-train=gift_megatron.train:main"]},
 )

@@ -9,13 +9,14 @@ import torch
 import torch.distributed as dist
 
 from gift_megatron.algo import build_loss, global_norm, vocab_parallel_entropy, vocab_parallel_logprobs
-from tests.distributed import run_distributed
+from gift_megatron.launch import run_distributed
 from tests.toy import LOSS_CASES, algo_cfg, loss_batch, make_rollout
 
 
 def _logits_data(V=48):
     g = torch.Generator().manual_seed(11)
-    return torch.randn(3, 5, V, generator=g) * 3, torch.randint(0, V, (3, 5), generator=g), torch.randn(3, 5, generator=g)
+    logits = torch.randn(3, 5, V, generator=g) * 3
+    return logits, torch.randint(0, V, (3, 5), generator=g), torch.randn(3, 5, generator=g)
 
 
 def _tp_worker(rank, world):

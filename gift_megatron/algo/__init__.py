@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from gift_megatron.algo.advantages import GroupFilter, group_advantages, overlong_penalty
 from gift_megatron.algo.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
-from gift_megatron.algo.losses import LossBatch, LossNorm, aggregate, global_norm, gift_loss, gspo_loss, ppo_clip_loss
+from gift_megatron.algo.losses import LossBatch, LossNorm, aggregate, gift_loss, global_norm, gspo_loss, ppo_clip_loss
 
 ALGORITHMS = ("gift", "grpo", "dapo", "gspo")
 

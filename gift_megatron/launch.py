@@ -1,11 +1,16 @@
-"""Run a function on N real processes joined by a gloo process group (spawned, as torchrun would)."""
+"""Run a function on N local processes joined by a real gloo process group (as torchrun would).
+
+Used by the tests and benchmarks to exercise collectives on one CPU machine; the trainer itself
+is launched by torchrun or srun.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

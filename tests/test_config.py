@@ -1,0 +1,117 @@
+"""Every config under conf/ composes and validates; every check names the field and the fix."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from gift_megatron.config import Config, register_configs, to_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+# Options that only make sense with others (a 32-GPU layout needs a model that it divides).
+COMPANIONS = {
+    ("data", "gsm8k_jsonl"): ["data.path=/data/prompts.jsonl"],
+    ("experiment", "qwen2.5_32b_gift"): ["data.path=/data/prompts.jsonl"],
+    ("parallel", "tp8_pp2_dp2"): ["model=qwen2.5_32b", "device=cuda", "algo.group_size=16"],
+}
+
+
+def compose_config(*overrides: str) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(compose("config", overrides=list(overrides)))
+
+
+def test_default_config():
+    cfg = compose_config()
+    names = (cfg.algo.name, cfg.model.name, cfg.rollout.engine, cfg.data.name)
+    assert names == ("gift", "tiny-llama", "vllm", "addition")
+    assert cfg.model.kv_channels == 32 and cfg.parallel.data_parallel_size == 1
+    assert cfg.algo.needs_reference and not cfg.algo.needs_old_logprobs
+
+
+def test_every_group_option_is_listed():
+    assert set(GROUPS) == {"algo", "data", "experiment", "model", "optim", "parallel", "rollout"}
+    assert {"gift", "grpo", "dapo", "gspo"} <= {name for g, name in OPTIONS if g == "algo"}
+    assert {"tiny_llama", "qwen2.5_7b", "qwen2.5_32b", "llama3.1_8b"} <= {n for g, n in OPTIONS if g == "model"}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
+def test_every_config_composes_and_validates(group, option):
+    cfg = compose_config(f"{group}={option}", *COMPANIONS.get((group, option), []))
+    assert isinstance(cfg, Config)
+    if group not in ("experiment",):
+        yaml = OmegaConf.load(CONF / group / f"{option}.yaml")
+        section = OmegaConf.structured(getattr(cfg, group))
+        for key in yaml:
+            if not OmegaConf.is_missing(yaml, key):
+                assert section[key] == yaml[key], f"{group}/{option}: {key}"
+
+
+def test_real_model_presets_have_their_published_sizes():
+    sizes = {name: compose_config(f"model={name}").model for name in ("qwen2.5_7b", "qwen2.5_32b", "llama3.1_8b")}
+    m = sizes["qwen2.5_32b"]
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
+        64, 5120, 27648, 40, 8)
+    assert m.add_qkv_bias and m.vocab_size == 152064
+    assert sizes["llama3.1_8b"].rope_scaling and sizes["llama3.1_8b"].rotary_base == 500000.0
+    assert sizes["qwen2.5_7b"].num_query_groups == 4
+
+
+def test_32b_experiment_layout():
+    cfg = compose_config("experiment=qwen2.5_32b_gift", "data.path=/data/train.jsonl")
+    p = cfg.parallel
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size) == (8, 2, 2)
+    assert cfg.model.fp8 == "hybrid" and cfg.algo.group_size == 16 and cfg.optim.lr == 1e-6
+    assert cfg.rollout.tensor_parallel_size == 4 and cfg.device == "cuda"
+
+
+def test_hydra_type_checks_fields():
+    with pytest.raises(Exception, match="algo.group_size"):
+        compose_config("algo.group_size=eight")
+
+
+ERRORS = [
+    (["model.num_attention_heads=6", "model.num_query_groups=4"], "model.num_attention_heads=6 is not a multiple"),
+    (["parallel=tp2", "model.num_attention_heads=3", "model.num_query_groups=3"],
+     "model.num_attention_heads=3 is not divisible by parallel.tensor_model_parallel_size=2"),
+    (["parallel.world_size=3", "parallel.tensor_model_parallel_size=2"], "parallel.world_size=3 is not divisible"),
+    (["parallel.world_size=2", "parallel.pipeline_model_parallel_size=2", "model.num_layers=3"],
+     "model.num_layers=3 is not divisible by the 2 pipeline stages"),
+    (["parallel.virtual_pipeline_model_parallel_size=2"], "needs pipeline_model_parallel_size >= 2"),
+    (["parallel.world_size=3", "algo.group_size=8"], "algo.group_size=8 is not divisible by the data-parallel size 3"),
+    (["parallel.micro_batch_size=12"], "parallel.micro_batch_size=12 is not a multiple of G/DP=8"),
+    (["algo.num_mini_batches=5"], "data.num_prompts_per_step=32 is not divisible by algo.num_mini_batches=5"),
+    (["parallel.micro_batch_size=48"], "a mini-batch has 256 samples per DP rank"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs tensor_model_parallel_size > 1"),
+    (["model.kv_channels=16", "device=cpu"], "model.kv_channels=16 (head dim) is not supported by vLLM on CPU"),
+    (["rollout.tensor_parallel_size=2", "device=cpu"], "rollout.tensor_parallel_size must be 1 on CPU"),
+    (["model.fp8=hybrid", "device=cpu"], "model.fp8 needs a GPU with Transformer Engine"),
+    (["model.fp8=hybrid", "model.transformer_impl=local"], "model.fp8 needs Transformer Engine"),
+    (["model.fp8=e5m2"], "model.fp8='e5m2' is not supported"),
+    (["model.arch=gpt2"], "model.arch='gpt2' is not supported"),
+    (["algo.name=ppo"], "algo.name='ppo' is not supported"),
+    (["algo.baseline=policy"], "algo.baseline='policy' is not supported"),
+    (["algo.loss_agg_mode=sum"], "algo.loss_agg_mode='sum' is not supported"),
+    (["algo.implicit_std_floor=0"], "algo.implicit_std_floor=0.0 must be > 0"),
+    (["algo.group_size=1", "parallel.micro_batch_size=32"], "algo.group_size must be >= 2 for GIFT"),
+    (["algo.clip_ratio_low=-0.1"], "clip_ratio_low, clip_ratio_high and kl_coef must be >= 0"),
+    (["rollout.engine=sglang"], "rollout.engine='sglang' is not supported"),
+    (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
+    (["rollout.on_server_failure=ignore"], "rollout.on_server_failure='ignore' is not supported"),
+    (["data.name=jsonl"], "data.name=jsonl needs data.path=/path/to/prompts.jsonl"),
+    (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
+    (["optim.min_lr=1"], "optim.min_lr=1.0 exceeds optim.lr"),
+    (["optim.lr_decay_style=step"], "optim.lr_decay_style='step' is not supported"),
+    (["device=tpu"], ".device='tpu' is not supported"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ERRORS, ids=[m[:40] for _, m in ERRORS])
+def test_config_errors_name_field_and_fix(overrides, message):
+    with pytest.raises(ValueError) as err:
+        compose_config(*overrides)
+    assert message in str(err.value)
