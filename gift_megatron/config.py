@@ -43,6 +43,10 @@ class ModelConfig:
     kv_channels: int = 32
     """Head dimension."""
     vocab_size: int = 64
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding/output vocabulary to a multiple of this x TP (Megatron's rule); padded
+    logits are excluded from every softmax."""
+    init_method_std: float = 0.02
     max_position_embeddings: int = 64
     rotary_base: float = 10000.0
     rope_scaling: bool = False

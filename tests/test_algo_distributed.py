@@ -19,19 +19,20 @@ def _logits_data(V=48):
     return logits, torch.randint(0, V, (3, 5), generator=g), torch.randn(3, 5, generator=g)
 
 
-def _tp_worker(rank, world):
+def _tp_worker(rank, world, pad):
     logits, target, w = _logits_data()
+    logits = torch.cat([logits, torch.full((*logits.shape[:-1], pad), 7.0)], -1)  # Megatron's TP padding
     shard = logits.chunk(world, dim=-1)[rank].clone().requires_grad_()
     group = dist.group.WORLD
-    logp = vocab_parallel_logprobs(shard, target, group, temperature=0.9)
-    ent = vocab_parallel_entropy(shard, group, temperature=0.9)
+    logp = vocab_parallel_logprobs(shard, target, group, temperature=0.9, vocab_size=48)
+    ent = vocab_parallel_entropy(shard, group, temperature=0.9, vocab_size=48)
     ((logp + 0.3 * ent) * w).sum().backward()
     return {"logp": logp.detach(), "entropy": ent.detach(), "grad": shard.grad}
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_vocab_parallel_logprobs_equal_unsharded(tp):
-    results = run_distributed(_tp_worker, tp)
+@pytest.mark.parametrize("tp,pad", [(2, 0), (4, 0), (2, 8)])
+def test_vocab_parallel_logprobs_equal_unsharded(tp, pad):
+    results = run_distributed(_tp_worker, tp, pad)
     logits, target, w = _logits_data()
     full = logits.clone().requires_grad_()
     logp = torch.log_softmax(full / 0.9, -1)
@@ -41,7 +42,8 @@ def test_vocab_parallel_logprobs_equal_unsharded(tp):
     for rank, res in enumerate(results):
         torch.testing.assert_close(res["logp"], logp_t.detach(), rtol=0, atol=1e-6)
         torch.testing.assert_close(res["entropy"], ent.detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(res["grad"], full.grad.chunk(tp, -1)[rank], rtol=1e-5, atol=1e-6)
+        padded_grad = torch.cat([full.grad, torch.zeros(*full.grad.shape[:-1], pad)], -1)
+        torch.testing.assert_close(res["grad"], padded_grad.chunk(tp, -1)[rank], rtol=1e-5, atol=1e-6)
 
 
 def _policy_loss(case, r, weight_HV, idx, group_index, num_groups, norm, tp_group, dp_group, old_noise):

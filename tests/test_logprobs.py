@@ -65,3 +65,15 @@ def test_logprobs_extreme_logits_stay_finite(scale):
     logits, target = _data(seed=5, scale=scale)
     logp = vocab_parallel_logprobs(logits * 100 if scale > 1 else logits, target)
     assert torch.isfinite(logp).all() and (logp <= 0).all()
+
+
+def test_padded_vocabulary_columns_are_excluded():
+    logits, target = _data(seed=6, V=50)
+    padded = torch.cat([logits, torch.full((3, 4, 14), 5.0)], -1).requires_grad_()  # 14 padding columns
+    logp = vocab_parallel_logprobs(padded, target, vocab_size=50)
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1))
+    logp.sum().backward()
+    assert padded.grad[..., 50:].abs().max() == 0
+    ent = vocab_parallel_entropy(padded.detach(), vocab_size=50)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(ent, -(p * torch.log_softmax(logits, -1)).sum(-1), rtol=1e-5, atol=1e-5)

@@ -71,10 +71,14 @@ class _VocabParallelEntropy(torch.autograd.Function):
         return grad_BTV.to(ctx.in_dtype), None
 
 
-def _vocab_start(logits_BTV: torch.Tensor, group: dist.ProcessGroup | None) -> int:
-    if group is None or not dist.is_initialized():
-        return 0
-    return dist.get_rank(group) * logits_BTV.shape[-1]
+def _shard(logits_BTV: torch.Tensor, group: dist.ProcessGroup | None, vocab_size: int | None):
+    """(this rank's first vocabulary id, its logits without padded columns >= vocab_size)."""
+    rank = 0 if group is None or not dist.is_initialized() else dist.get_rank(group)
+    start = rank * logits_BTV.shape[-1]
+    if vocab_size is not None and start + logits_BTV.shape[-1] > vocab_size:
+        assert vocab_size > start, "a TP rank holds only padding: pad the vocabulary less"
+        logits_BTV = logits_BTV[..., : vocab_size - start]
+    return start, logits_BTV
 
 
 def vocab_parallel_logprobs(
@@ -82,21 +86,28 @@ def vocab_parallel_logprobs(
     target_BT: torch.Tensor,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """log softmax(logits / temperature)[target] with the vocabulary sharded over `tp_group`.
 
     Shards are contiguous and equal-sized (megatron-core's VocabParallelEmbedding layout): rank r
-    holds ids [r * V, (r + 1) * V). Returns float32 logp_BT; differentiable in the logits.
+    holds ids [r * V, (r + 1) * V). Columns at ids >= `vocab_size` (Megatron's TP padding) are left
+    out of the softmax and get no gradient. Returns float32 logp_BT; differentiable in the logits.
     """
+    start, logits_BTV = _shard(logits_BTV, tp_group, vocab_size)
     if temperature != 1.0:
         logits_BTV = logits_BTV / temperature
-    return _VocabParallelLogProb.apply(logits_BTV, target_BT, _vocab_start(logits_BTV, tp_group), tp_group)
+    return _VocabParallelLogProb.apply(logits_BTV, target_BT, start, tp_group)
 
 
 def vocab_parallel_entropy(
-    logits_BTV: torch.Tensor, tp_group: dist.ProcessGroup | None = None, temperature: float = 1.0
+    logits_BTV: torch.Tensor,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position, vocabulary sharded over `tp_group`."""
+    _, logits_BTV = _shard(logits_BTV, tp_group, vocab_size)
     if temperature != 1.0:
         logits_BTV = logits_BTV / temperature
     return _VocabParallelEntropy.apply(logits_BTV, tp_group)

@@ -1,0 +1,85 @@
+"""Process groups: torch.distributed from torchrun or Slurm, megatron-core's model-parallel groups."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from gift_megatron.config import ParallelConfig
+from gift_megatron.megatron import cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def rank_from_env(env: dict[str, str] | None = None) -> RankInfo:
+    """RANK/WORLD_SIZE/LOCAL_RANK as torchrun sets them, else Slurm's SLURM_PROCID/NTASKS/LOCALID."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return RankInfo(0, 1, 0)
+
+
+def init_distributed(parallel: ParallelConfig, on_gpu: bool) -> RankInfo:
+    """Join (or create) the default process group: NCCL on GPUs, gloo on CPU."""
+    info = rank_from_env()
+    if info.world_size != parallel.world_size:
+        raise ValueError(f"parallel.world_size={parallel.world_size} but {info.world_size} processes were "
+                         f"launched: set parallel.world_size={info.world_size} or launch that many ranks")
+    if on_gpu:
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        if info.world_size > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+            raise ValueError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
+                             "(torchrun sets them; under Slurm export them from the first node's address)")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=info.rank, world_size=info.world_size)
+    return info
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int, on_gpu: bool) -> None:
+    """megatron-core's TP/PP/DP groups on the default process group, and seeded RNGs.
+
+    Seeding follows Megatron-LM: seed + 100 x PP rank for the default generators; megatron's
+    model-parallel RNG tracker forks per-TP-rank streams. On CPU the compatibility layer is applied
+    first (megatron-core assumes CUDA in a few places).
+    """
+    if not on_gpu:
+        cpu_compat.apply_if_no_cuda()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,165 @@
+"""The train step: megatron-core schedules over micro-batches, vocab-parallel log-probs, algo losses.
+
+Legend: B = samples on this DP rank, S = sequence positions, T = S - 1 predicted positions.
+
+A `RolloutBatch` is this DP rank's share of one mini-batch, prompt-major (G/DP samples of each
+prompt in turn). Micro-batches are contiguous slices of `micro_batch_size` samples: whole groups, the
+same prompts on every DP rank (DESIGN.md). The forward step runs the model chunk; on the last
+pipeline stage the loss function turns the vocab-sharded logits into log-probs and calls the
+algorithm's loss with the DP group. Pipelining (none, 1F1B, interleaved) is megatron-core's
+`get_forward_backward_func`, chosen from the parallel state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from gift_megatron.algo import LossBatch, LossNorm, global_norm, vocab_parallel_entropy, vocab_parallel_logprobs
+
+
+@dataclass
+class RolloutBatch:
+    tokens_BS: torch.Tensor  # prompt + response token ids, right-padded
+    response_mask_BS: torch.Tensor  # 1.0 where tokens_BS holds a response token
+    rewards_B: torch.Tensor
+    advantages_B: torch.Tensor
+    samples_per_prompt: int  # G / DP
+    old_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (rollout policy)
+    ref_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (reference)
+
+    def select(self, idx: torch.Tensor | slice) -> RolloutBatch:
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return replace(self, tokens_BS=self.tokens_BS[idx], response_mask_BS=self.response_mask_BS[idx],
+                       rewards_B=self.rewards_B[idx], advantages_B=self.advantages_B[idx],
+                       old_logp_BT=pick(self.old_logp_BT), ref_logp_BT=pick(self.ref_logp_BT))
+
+    @property
+    def mask_BT(self) -> torch.Tensor:
+        return self.response_mask_BS[:, 1:]
+
+
+def _causal_mask(seq_len: int, device) -> torch.Tensor:
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def micro_batches(batch: RolloutBatch, micro_batch_size: int) -> list[RolloutBatch]:
+    B = batch.tokens_BS.shape[0]
+    assert B % micro_batch_size == 0 and micro_batch_size % batch.samples_per_prompt == 0, (B, micro_batch_size)
+    return [batch.select(slice(i, i + micro_batch_size)) for i in range(0, B, micro_batch_size)]
+
+
+@dataclass
+class StepContext:
+    """What the loss function needs besides the micro-batch."""
+
+    loss_fn: Callable | None  # algo loss; None: forward-only log-prob collection
+    norm: LossNorm | None
+    temperature: float
+    vocab_size: int
+    tp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+
+
+def _loss_func(mb: RolloutBatch, ctx: StepContext, logits_BSV: torch.Tensor):
+    target_BT = mb.tokens_BS[:, 1:]
+    logits_BTV = logits_BSV[:, :-1]
+    logp_BT = vocab_parallel_logprobs(logits_BTV, target_BT, ctx.tp_group, ctx.temperature, ctx.vocab_size)
+    zero = torch.zeros((), dtype=torch.int)
+    if ctx.loss_fn is None:
+        return logp_BT.sum() * 0.0, zero, {"logp": logp_BT.detach()}
+    B = target_BT.shape[0]
+    batch = LossBatch(
+        logp_BT=logp_BT, mask_BT=mb.mask_BT.to(logp_BT.dtype), advantages_B=mb.advantages_B, rewards_B=mb.rewards_B,
+        group_index_B=torch.arange(B, device=logp_BT.device) // mb.samples_per_prompt,
+        num_groups=B // mb.samples_per_prompt, old_logp_BT=mb.old_logp_BT, ref_logp_BT=mb.ref_logp_BT,
+    )
+    loss, metrics = ctx.loss_fn(batch, ctx.norm, dp_group=ctx.dp_group)
+    with torch.no_grad():
+        entropy_BT = vocab_parallel_entropy(logits_BTV.detach(), ctx.tp_group, ctx.temperature, ctx.vocab_size)
+        metrics["entropy"] = float((entropy_BT * batch.mask_BT).sum() / batch.mask_BT.sum().clamp(min=1))
+        metrics["loss"] = float(loss)  # this micro-batch's share: summed, not averaged, below
+    return loss, zero, metrics
+
+
+def _forward_step(ctx: StepContext, data_iterator, model):
+    mb: RolloutBatch = next(data_iterator)
+    S = mb.tokens_BS.shape[1]
+    position_ids = torch.arange(S, device=mb.tokens_BS.device)[None].expand(mb.tokens_BS.shape[0], -1)
+    output = model(mb.tokens_BS, position_ids, _causal_mask(S, mb.tokens_BS.device))
+    return output, partial(_loss_func, mb, ctx)
+
+
+def run_schedule(chunks, mbs: list[RolloutBatch], ctx: StepContext, forward_only: bool) -> list[dict]:
+    """megatron-core's schedule over `mbs`; returns the loss function's dicts (last stage only)."""
+    iterators = [iter(mbs) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, ctx),
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(mbs),
+        seq_length=mbs[0].tokens_BS.shape[1],
+        micro_batch_size=mbs[0].tokens_BS.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def _context(loss_fn, norm, temperature: float, vocab_size: int) -> StepContext:
+    return StepContext(loss_fn, norm, temperature, vocab_size,
+                       parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group())
+
+
+@torch.no_grad()
+def compute_logprobs(chunks, batch: RolloutBatch, micro_batch_size: int, temperature: float,
+                     vocab_size: int) -> torch.Tensor | None:
+    """Forward-only log-probs of tokens_BS[:, 1:] (B x T) on the last pipeline stage; None elsewhere."""
+    for chunk in chunks:
+        chunk.eval()
+    outs = run_schedule(chunks, micro_batches(batch, micro_batch_size),
+                        _context(None, None, temperature, vocab_size), forward_only=True)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return torch.cat([o["logp"] for o in outs])
+
+
+def _reduce_metrics(per_micro_batch: list[dict]) -> dict[str, float]:
+    """Sum the loss shares, average the rest over micro-batches and DP; every rank gets the result."""
+    keys = sorted(per_micro_batch[0]) if per_micro_batch else []
+    values = torch.tensor([[mb.get(k, float("nan")) for k in keys] for mb in per_micro_batch], dtype=torch.float64)
+    summed = values.nansum(0) if len(keys) else values
+    counts = (~values.isnan()).sum(0).double() if len(keys) else values
+    dp = parallel_state.get_data_parallel_group()
+    dist.all_reduce(summed, group=dp)
+    dist.all_reduce(counts, group=dp)
+    # loss: shares of the global loss, summed over micro-batches and DP; the rest are averages.
+    result = {k: float(summed[i] / (1.0 if k == "loss" else counts[i])) for i, k in enumerate(keys)}
+    # Only the last stage has them: broadcast along the pipeline.
+    box = [result]
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    return box[0]
+
+
+def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: int, temperature: float,
+                     vocab_size: int) -> dict[str, float]:
+    """One optimizer step on one mini-batch; returns metrics reduced over micro-batches and ranks."""
+    for chunk in policy.chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    policy.optimizer.zero_grad()
+    norm = global_norm(batch.mask_BT, batch.mask_BT.shape[1], parallel_state.get_data_parallel_group())
+    outs = run_schedule(policy.chunks, micro_batches(batch, micro_batch_size),
+                        _context(loss_fn, norm, temperature, vocab_size), forward_only=False)
+    success, grad_norm, _ = policy.optimizer.step()
+    if success:
+        policy.scheduler.step(increment=1)
+    metrics = _reduce_metrics(outs if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else [])
+    metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   update_skipped=float(not success), lr=policy.optimizer.param_groups[0]["lr"])
+    return metrics
