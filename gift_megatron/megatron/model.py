@@ -101,6 +101,12 @@ def transformer_config(
         # Our losses are already normalised by global counts (algo.losses): megatron must neither
         # divide by the number of micro-batches nor average gradients over DP; it sums them.
         calculate_per_token_loss=True,
+        # Interleaved schedule: Megatron-LM's default of overlapped, unbatched p2p. Batched p2p with
+        # PP = 2 posts the forward activation and the backward gradient between the same two ranks
+        # in opposite orders, which gloo matches FIFO (measured: swapped tensors, wrong loss);
+        # the unbatched path orders them by rank parity on separate communicators.
+        overlap_p2p_comm=parallel.virtual_pipeline_model_parallel_size is not None,
+        batch_p2p_comm=parallel.virtual_pipeline_model_parallel_size is None,
         **fp8,
     )
 

@@ -90,3 +90,11 @@ def move_chunks(chunks: list[torch.nn.Module], device: str | torch.device) -> No
     """Offload the reference to host memory between uses on GPUs (and bring it back)."""
     for chunk in chunks:
         chunk.to(device)
+
+
+@torch.no_grad()
+def copy_weights(src_chunks, dst_chunks) -> None:
+    """Copy model weights between two identically laid-out sets of chunks (e.g. policy -> reference)."""
+    for src, dst in zip(src_chunks, dst_chunks):
+        src_sd = getattr(src, "module", src).state_dict()
+        getattr(dst, "module", dst).load_state_dict(src_sd)
