@@ -97,6 +97,8 @@ class ParallelConfig:
     micro_batch_size: int = 8
     """Samples per micro-batch per DP rank: a multiple of G / DP, so a micro-batch holds whole groups."""
     use_distributed_optimizer: bool = True
+    offload_reference: bool = False
+    """GPU only: keep the frozen reference in host memory between its forward passes."""
 
     def __post_init__(self) -> None:
         _positive("parallel", world_size=self.world_size, micro_batch_size=self.micro_batch_size,

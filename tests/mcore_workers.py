@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from gift_megatron.algo import build_loss, group_advantages
+from gift_megatron.algo import build_loss, group_advantages  # noqa: F401  (build_loss: used by tests)
 from gift_megatron.algo.layout import dp_sample_indices
 from gift_megatron.config import AlgoConfig, Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig
 

@@ -22,10 +22,15 @@ LAYOUTS = {
 }
 
 
-def _init_worker(rank, world, root):
+# GQA (4 query / 2 KV heads), QKV bias (Qwen2), QK-norm (Qwen3), tied embeddings across PP stages.
+QWEN_LIKE = dict(num_attention_heads=4, num_query_groups=2, hidden_size=128, add_qkv_bias=True, qk_layernorm=True,
+                 untie_embeddings_and_output_weights=False)
+
+
+def _init_worker(rank, world, root, arch=None):
     from gift_megatron.megatron.checkpoint import save_checkpoint
 
-    policy = W.setup(W.make_config(world))
+    policy = W.setup(W.make_config(world, model=W.test_model(**(arch or {}))))
     save_checkpoint(root, 0, policy, {"note": "initial weights"})
     return {}
 
@@ -37,12 +42,12 @@ def init_ckpt(tmp_path_factory):
     return str(latest_checkpoint(root))
 
 
-def _invariance_worker(rank, world, tp, pp, vpp, nmb, ckpt):
+def _invariance_worker(rank, world, tp, pp, vpp, nmb, ckpt, arch=None):
     from gift_megatron.megatron.checkpoint import load_model_weights
 
     out = {}
     for algo in ("gift", "grpo"):
-        cfg = W.make_config(world, tp, pp, vpp, nmb, algo=algo)
+        cfg = W.make_config(world, tp, pp, vpp, nmb, algo=algo, model=W.test_model(**(arch or {})))
         policy = W.setup(cfg)
         load_model_weights(ckpt, policy.chunks)
         batch = W.local_batch(cfg)
@@ -71,6 +76,21 @@ def test_one_step_is_invariant_to_layout(layout, init_ckpt, baseline):
             torch.testing.assert_close(got["logp_after"], want["logp_after"], rtol=0, atol=1e-4)
     # The step really changed the model (the comparison above is not of two untouched models).
     assert baseline["gift"]["grad_norm"] > 1e-3
+
+
+def test_qwen_like_architecture_is_invariant_to_tp_and_pp(tmp_path):
+    """GQA + QKV bias + QK-norm + tied embeddings (the embedding and output layer sit on different PP
+    stages and their gradients are all-reduced by finalize_model_grads)."""
+    run_distributed(_init_worker, 1, str(tmp_path), QWEN_LIKE)
+    ckpt = str(latest_checkpoint(tmp_path))
+    base = run_distributed(_invariance_worker, 1, 1, 1, None, 1, ckpt, QWEN_LIKE)[0]
+    for layout in ("tp2", "pp2_1f1b_mb2"):
+        world, tp, pp, vpp, nmb = LAYOUTS[layout]
+        for res in run_distributed(_invariance_worker, world, tp, pp, vpp, nmb, ckpt, QWEN_LIKE):
+            for algo in ("gift", "grpo"):
+                assert res[algo]["loss"] == pytest.approx(base[algo]["loss"], rel=1e-5), (layout, algo)
+                assert res[algo]["grad_norm"] == pytest.approx(base[algo]["grad_norm"], rel=1e-5), (layout, algo)
+                torch.testing.assert_close(res[algo]["logp_after"], base[algo]["logp_after"], rtol=0, atol=1e-4)
 
 
 def _steps_worker(rank, world, ckpt, steps):
@@ -180,3 +200,49 @@ def test_loading_something_that_is_not_a_checkpoint_names_the_fix(tmp_path):
 
     with pytest.raises(ValueError, match="is not a completed checkpoint"):
         load_checkpoint(tmp_path / "step_00000001", policy=None)
+
+
+def _minibatch_worker(rank, world, ckpt):
+    from gift_megatron.megatron.checkpoint import load_model_weights
+    from gift_megatron.megatron.train_step import train_rollout_batch
+
+    cfg = W.make_config(world, num_micro_batches=2)  # 2 mini-batches of 2 prompts, 1 micro-batch each
+    policy = W.setup(cfg)
+    load_model_weights(ckpt, policy.chunks)
+    steps = train_rollout_batch(policy, W.build_loss(cfg.algo), W.local_batch(cfg), num_mini_batches=2,
+                                micro_batch_size=cfg.parallel.micro_batch_size, temperature=1.0, vocab_size=W.V)
+    return [(m["loss"], m["grad_norm"]) for m in steps]
+
+
+def test_mini_batch_updates_are_invariant_to_dp(init_ckpt):
+    one = run_distributed(_minibatch_worker, 1, init_ckpt)[0]
+    two = run_distributed(_minibatch_worker, 2, init_ckpt)
+    assert len(one) == 2 and one[0] != one[1]  # two optimizer steps on different prompts
+    for res in two:
+        for (l1, g1), (l2, g2) in zip(one, res):
+            assert l2 == pytest.approx(l1, rel=1e-5) and g2 == pytest.approx(g1, rel=1e-5)
+
+
+def _reference_worker(rank, world):
+    from gift_megatron.megatron.policy import build_reference, copy_weights
+
+    cfg = W.make_config(world)
+    policy = W.setup(cfg)
+    reference = build_reference(cfg, on_gpu=False)
+    copy_weights(policy.chunks, reference)
+    batch = W.local_batch(cfg)
+    before = W.logprobs_everywhere(reference, cfg, batch)
+    policy_before = W.logprobs_everywhere(policy.chunks, cfg, batch)
+    W.train(policy, cfg, batch, steps=2)
+    return {"ref_before": before, "ref_after": W.logprobs_everywhere(reference, cfg, batch),
+            "policy_before": policy_before, "policy_after": W.logprobs_everywhere(policy.chunks, cfg, batch),
+            "ref_trainable": sum(p.requires_grad for c in reference for p in c.parameters()),
+            "ref_training_mode": any(c.training for c in reference)}
+
+
+def test_reference_is_a_frozen_copy_of_the_initial_policy():
+    res = run_distributed(_reference_worker, 2)[0]  # TP = 1, DP = 2
+    torch.testing.assert_close(res["ref_before"], res["policy_before"], rtol=0, atol=0)
+    torch.testing.assert_close(res["ref_after"], res["ref_before"], rtol=0, atol=0)
+    assert (res["policy_after"] - res["policy_before"]).abs().max() > 1e-3
+    assert res["ref_trainable"] == 0 and not res["ref_training_mode"]

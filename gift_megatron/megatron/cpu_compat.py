@@ -8,8 +8,9 @@ techniques, each confined to the megatron modules that need it:
 * module proxies: in the listed modules only, the global name `torch` is replaced by a proxy whose
   tensor factories map a CUDA device to CPU and whose `torch.cuda` answers current_device() with
   "cpu" and makes synchronize()/empty_cache() no-ops; all else is the real torch;
-* type-string scopes: the few functions that compare `Tensor.type()` with 'torch.cuda.*' run with
-  CPU tensors reporting CUDA type strings, only for the duration of those calls.
+* call scopes: the few functions that compare `Tensor.type()` with 'torch.cuda.*' (or call
+  `Tensor.cuda()`) run with CPU tensors reporting CUDA type strings (or staying on CPU), only for
+  the duration of those calls.
 
 Each patch names the megatron-core 0.16.1 source lines it covers (after the recipe in
 shared/recipes/megatron_cpu, re-derived for this project).
@@ -133,34 +134,49 @@ def cuda_type_strings():
         torch.Tensor.type = orig
 
 
-def _scoped(fn):
+@contextlib.contextmanager
+def tensor_cuda_is_identity():
+    """Within this block, `Tensor.cuda()` leaves a CPU tensor where it is."""
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig
+
+
+def _scoped(fn, context):
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with cuda_type_strings():
+        with context():
             return fn(*args, **kwargs)
 
     wrapped._gift_cpu_compat = True
     return wrapped
 
 
-# (module, attribute path) -> lines: these callables compare Tensor.type() with CUDA type strings
-TYPE_STRING_SCOPES = {
-    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): "clip_grads.py:167",
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"): "optimizer.py:671, 690",
+# (module, attribute path) -> (scope, lines): these callables run inside the scope
+SCOPED_CALLS = {
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): (cuda_type_strings, "clip_grads.py:167"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"):
+        (cuda_type_strings, "optimizer.py:671, 690"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"):
-        "distrib_optimizer.py:361, 420 (via _build_model_and_main_param_groups), 582",
+        (cuda_type_strings, "distrib_optimizer.py:361, 420 (via _build_model_and_main_param_groups), 582"),
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"):
+        (tensor_cuda_is_identity, "language_module.py:244 weight.data.cuda() (tied embeddings, PP > 1)"),
 }
 
 
-def _apply_type_scopes() -> None:
-    for (module_name, path), _lines in TYPE_STRING_SCOPES.items():
+def _apply_scopes() -> None:
+    for (module_name, path), (context, _lines) in SCOPED_CALLS.items():
         owner = importlib.import_module(module_name)
         *parents, attr = path.split(".")
         for p in parents:
             owner = getattr(owner, p)
         fn = getattr(owner, attr)
         if not getattr(fn, "_gift_cpu_compat", False):
-            setattr(owner, attr, _scoped(fn))
+            setattr(owner, attr, _scoped(fn, context))
 
 
 def _apply_proxies() -> None:
@@ -187,6 +203,6 @@ def apply_if_no_cuda() -> bool:
         return False
     if not is_applied():
         _apply_proxies()
-        _apply_type_scopes()
+        _apply_scopes()
         log.info("megatron-core CPU compatibility applied to %d modules", len(PROXIED_MODULES))
     return True

@@ -163,3 +163,13 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                    update_skipped=float(not success), lr=policy.optimizer.param_groups[0]["lr"])
     return metrics
+
+
+def train_rollout_batch(policy, loss_fn, batch: RolloutBatch, *, num_mini_batches: int, micro_batch_size: int,
+                        temperature: float, vocab_size: int) -> list[dict[str, float]]:
+    """Several optimizer steps on one rollout batch: contiguous prompt ranges, one step each."""
+    B = batch.tokens_BS.shape[0]
+    assert B % num_mini_batches == 0 and (B // num_mini_batches) % batch.samples_per_prompt == 0
+    size = B // num_mini_batches
+    return [train_mini_batch(policy, loss_fn, batch.select(slice(i, i + size)), micro_batch_size=micro_batch_size,
+                             temperature=temperature, vocab_size=vocab_size) for i in range(0, B, size)]
