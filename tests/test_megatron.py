@@ -246,3 +246,24 @@ def test_reference_is_a_frozen_copy_of_the_initial_policy():
     torch.testing.assert_close(res["ref_after"], res["ref_before"], rtol=0, atol=0)
     assert (res["policy_after"] - res["policy_before"]).abs().max() > 1e-3
     assert res["ref_trainable"] == 0 and not res["ref_training_mode"]
+
+
+def _lr_worker(rank, world):
+    from gift_megatron.config import OptimConfig
+
+    cfg = W.make_config(world)
+    cfg.optim = OptimConfig(lr=1e-3, min_lr=1e-4, lr_warmup_steps=2, lr_decay_style="cosine")
+    policy = W.setup(cfg)  # 100 optimizer steps in all
+    return [m["lr"] for m in W.train(policy, cfg, W.local_batch(cfg), steps=4)] + [
+        policy.optimizer.param_groups[0]["lr"]]
+
+
+def test_lr_warmup_then_cosine_decay():
+    import math
+
+    lrs = run_distributed(_lr_worker, 1)[0]
+    # Step k (from 0) uses warm-up k/2 * 1e-3 (Megatron's rule: the first step has lr 0), then cosine
+    # from 1e-3 to 1e-4 over steps 2..100.
+    cosine = lambda k: 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (k - 2) / 98))  # noqa: E731
+    assert lrs[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])
+    assert lrs[3:] == pytest.approx([cosine(3), cosine(4)], rel=1e-6)

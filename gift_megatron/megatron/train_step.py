@@ -156,12 +156,13 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
     norm = global_norm(batch.mask_BT, batch.mask_BT.shape[1], parallel_state.get_data_parallel_group())
     outs = run_schedule(policy.chunks, micro_batches(batch, micro_batch_size),
                         _context(loss_fn, norm, temperature, vocab_size), forward_only=False)
+    lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step uses
     success, grad_norm, _ = policy.optimizer.step()
     if success:
         policy.scheduler.step(increment=1)
     metrics = _reduce_metrics(outs if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else [])
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   update_skipped=float(not success), lr=policy.optimizer.param_groups[0]["lr"])
+                   update_skipped=float(not success), lr=lr)
     return metrics
 
 
