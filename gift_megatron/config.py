@@ -65,7 +65,9 @@ class ModelConfig:
     fp8_recipe: str = "delayed"
     """delayed | tensorwise (per-tensor current scaling)."""
     hf_path: str | None = None
-    """Hugging Face folder the weights and tokenizer come from (None: random init)."""
+    """Hugging Face folder of the model's config.json and tokenizer."""
+    init_checkpoint: str | None = None
+    """megatron dist checkpoint with the initial weights (tools/hf_to_mcore.py); None: random init."""
 
     def __post_init__(self) -> None:
         _one_of("model", "arch", self.arch, ("llama", "qwen2", "qwen3"))
