@@ -29,7 +29,8 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
     try:
         result = fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an in-process vLLM engine's shutdown may already have destroyed it
+            dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

