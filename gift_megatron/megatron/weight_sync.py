@@ -32,7 +32,7 @@ def _stage_params(chunks, mapping: ModelMapping) -> list[tuple[str, torch.Tensor
         module = getattr(chunk, "module", chunk)
         global_index = {i: layer.layer_number - 1 for i, layer in enumerate(module.decoder.layers)}
         for name, param in module.named_parameters():
-            name = _LAYER.sub(lambda m: f"decoder.layers.{global_index[int(m.group(1))]}.", name)
+            name = _LAYER.sub(lambda m, idx=global_index: f"decoder.layers.{idx[int(m.group(1))]}.", name)
             name = canonical_name(name)
             if name == "output_layer.weight" and name not in mapping.rules:
                 continue  # tied embeddings: the last stage's copy of the word embeddings
