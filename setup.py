@@ -23,6 +23,7 @@ setup(
         "safetensors>=0.4",
         "transformers>=4.51",
         "math-verify>=0.7",
+        "pyarrow",  # Parquet prompt files
         "tensorboard",
         "tqdm",
         "matplotlib",

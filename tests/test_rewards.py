@@ -1,0 +1,76 @@
+"""Reward parsing and verification on hand-written GSM8K-style and boxed answers, and a reward model."""
+
+import threading
+
+import pytest
+import torch
+
+from gift_megatron.rollout.rewards import MathVerifier, extract_answer, last_boxed
+
+
+@pytest.mark.parametrize("text,answer", [
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
+    ("so the total is 1,234 dollars\n#### 1,234", "1234"),
+    ("The answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("first \\boxed{3} then corrected: \\boxed{5}", "5"),
+    ("nested \\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
+    ("We get 12 apples and then 15 pears.", "15"),
+    ("I do not know.", None),
+    ("broken \\boxed{12", "12"),  # unbalanced box: falls back to the last number
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_last_boxed_malformed_is_none():
+    assert last_boxed("\\boxed{1 + {2}") is None
+    assert last_boxed("no box") is None
+
+
+@pytest.mark.parametrize("completion,reference,reward", [
+    ("... so she has 72 clips.\n#### 72", "Natalia ... #### 72", 1.0),
+    ("The result is \\boxed{72}", "#### 72", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),  # equal as numbers
+    ("\\boxed{\\frac{2}{4}}", "0.5", 1.0),
+    ("#### 1,234", "1234", 1.0),
+    ("#### 71", "#### 72", 0.0),  # wrong
+    ("I give up", "#### 72", 0.0),  # no answer
+    ("\\boxed{", "#### 72", 0.0),  # malformed
+    ("\\boxed{\\frac{1}{}}", "#### 72", 0.0),  # unparsable
+])
+def test_math_verifier(completion, reference, reward):
+    assert MathVerifier().score(completion, reference) == reward
+
+
+def test_math_verifier_off_the_main_thread():
+    """signal-based timeouts only work in the main thread: off it they are disabled, results unchanged."""
+    out = {}
+
+    def run():
+        out["scores"] = MathVerifier().score_batch(["#### 72", "#### 7", "\\boxed{1/2}"], ["72", "72", "0.5"])
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=60)
+    assert out["scores"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_reward_model_scores_in_batches(tmp_path):
+    """A tiny random sequence classifier built here: batched scores equal one-at-a-time scores."""
+    import transformers
+
+    from gift_megatron.rollout.rewards import RewardModel
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=300, num_labels=1, pad_token_id=0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    from tests.tokenizers import save_char_tokenizer
+
+    save_char_tokenizer(tmp_path / "rm")
+    rm = RewardModel(str(tmp_path / "rm"), batch_size=2)
+    texts = ["12+7=19", "a much longer text 3+4=8", "x", "5+5=10"]
+    batched = rm.score_batch(texts)
+    single = torch.cat([rm.score_batch([t]) for t in texts])
+    assert batched.shape == (4,) and batched.std() > 0
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
