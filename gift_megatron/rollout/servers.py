@@ -1,0 +1,192 @@
+"""OpenAI-compatible vLLM servers: start them, spread prompt groups over them, sync their weights.
+
+Each server is `python -m vllm.entrypoints.openai.api_server` with our worker extension, token ids
+in and out (`--skip-tokenizer-init`), log-probs of the sampled distribution, and vLLM's dev
+endpoints (`VLLM_SERVER_DEV_MODE=1`: /collective_rpc, /reset_prefix_cache). Servers bind 127.0.0.1
+unless `rollout.host` says otherwise. Every request has a timeout; a dead or hung server is named
+in the error, or (`rollout.on_server_failure=failover`) its prompts are retried on the others.
+
+Weight sync here goes through safetensors bucket files in a folder every server can read (the
+trainer's machine, or a shared filesystem on a cluster), loaded by `gift_load_file` in each worker;
+only file paths cross HTTP, never pickles. On GPU clusters vLLM's NCCL weight-transfer endpoints
+are the fast path (not exercised on these CPU machines).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import torch
+from safetensors.torch import save_file
+
+from gift_megatron.config import RolloutConfig
+from gift_megatron.rollout.engine import EXTENSION, Completion, SyncStats
+
+log = logging.getLogger(__name__)
+SERVED_NAME = "policy"
+
+
+class ServerError(RuntimeError):
+    """A vLLM server failed; the message names it."""
+
+
+class VLLMServer:
+    """A server process started by the trainer (local runs and tests); Slurm starts its own."""
+
+    def __init__(self, model_dir: str | Path, port: int, rollout: RolloutConfig, *, seed: int, max_model_len: int,
+                 log_dir: str | Path, dtype: str = "float32") -> None:
+        self.url = f"http://{rollout.host}:{port}"
+        self.log_path = Path(log_dir) / f"vllm_server_{port}.log"
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", SERVED_NAME, "--host", rollout.host, "--port", str(port), "--dtype", dtype,
+               "--max-model-len", str(max_model_len), "--seed", str(seed), "--worker-extension-cls", EXTENSION,
+               "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs",
+               "--tensor-parallel-size", str(rollout.tensor_parallel_size),
+               "--gpu-memory-utilization", str(rollout.gpu_memory_utilization)]
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+        if not torch.cuda.is_available():
+            cmd.append("--enforce-eager")
+            env.update(VLLM_CPU_KVCACHE_SPACE=str(rollout.cpu_kvcache_space_gib), VLLM_HOST_IP=rollout.host)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("w") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+
+    def _log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"vLLM server {self.url} exited with code {self.proc.returncode} while starting; "
+                                  f"log {self.log_path}:\n{self._log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise ServerError(f"vLLM server {self.url} not healthy after {timeout_s:.0f} s; log {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_all_ready(servers: list[VLLMServer], timeout_s: float = 300.0) -> None:
+    for server in servers:
+        server.wait_ready(timeout_s)
+
+
+class ServerPool:
+    """Client for N servers: prompt groups spread round-robin, requests concurrent, failures named."""
+
+    def __init__(self, urls: list[str], rollout: RolloutConfig, *, stop_token_ids: list[int] | None = None,
+                 sync_dir: str | Path | None = None) -> None:
+        if not urls:
+            raise ValueError("rollout.server_urls is empty and no server was started: give the servers' URLs")
+        self.urls, self.alive = list(urls), list(urls)
+        self.rollout, self.stop_token_ids = rollout, stop_token_ids or []
+        self.sync_dir = Path(sync_dir or tempfile.mkdtemp(prefix="gift_weight_sync_"))
+
+    def _post(self, url: str, path: str, payload: dict, timeout: float | None = None) -> dict:
+        try:
+            r = requests.post(f"{url}{path}", json=payload, timeout=timeout or self.rollout.request_timeout_s)
+        except requests.Timeout:
+            raise ServerError(f"vLLM server {url} did not answer {path} within "
+                              f"{timeout or self.rollout.request_timeout_s:.0f} s (rollout.request_timeout_s)") from None
+        except requests.ConnectionError as e:
+            raise ServerError(f"vLLM server {url} is unreachable ({type(e).__name__}): is it running?") from None
+        if r.status_code != 200:
+            raise ServerError(f"vLLM server {url} answered {path} with HTTP {r.status_code}: {r.text[:300]}")
+        return r.json() if r.content else {}
+
+    def _complete(self, url: str, prompt: list[int], n: int, max_tokens: int, temperature: float,
+                  seed: int | None) -> list[Completion]:
+        body = {"model": SERVED_NAME, "prompt": prompt, "n": n, "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": self.rollout.top_p, "logprobs": 0, "return_token_ids": True,
+                "return_tokens_as_token_ids": True, "stop_token_ids": self.stop_token_ids, "seed": seed}
+        choices = sorted(self._post(url, "/v1/completions", body)["choices"], key=lambda c: c["index"])
+        return [Completion(token_ids=c["token_ids"], logprobs=c["logprobs"]["token_logprobs"],
+                           finish_reason=c["finish_reason"] or "length") for c in choices]
+
+    def _complete_with_failover(self, i: int, prompt, n, max_tokens, temperature, seed) -> list[Completion]:
+        while True:
+            alive = list(self.alive)
+            if not alive:
+                raise ServerError(f"every vLLM server failed ({', '.join(self.urls)})")
+            url = alive[i % len(alive)]
+            try:
+                return self._complete(url, prompt, n, max_tokens, temperature, seed)
+            except ServerError as e:
+                if self.rollout.on_server_failure != "failover":
+                    raise
+                log.warning("%s; retrying its prompts on the other servers", e)
+                if url in self.alive:
+                    self.alive.remove(url)
+
+    def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, seed: int | None = None) -> list[list[Completion]]:
+        """n samples for each prompt, in prompt order (each prompt's group goes to one server)."""
+        max_tokens = max_new_tokens or self.rollout.max_new_tokens
+        temp = self.rollout.temperature if temperature is None else temperature
+        with ThreadPoolExecutor(max_workers=min(64, max(1, len(prompts)))) as pool:
+            futures = [pool.submit(self._complete_with_failover, i, p, n, max_tokens, temp,
+                                   None if seed is None else seed + i) for i, p in enumerate(prompts)]
+            return [f.result() for f in futures]
+
+    def _rpc_all(self, method: str, *args: str) -> list:
+        return [self._post(url, "/collective_rpc", {"method": method, "args": list(args)})["results"]
+                for url in self.alive]
+
+    def load_weights(self, named_tensors) -> SyncStats:
+        """Every server loads every bucket in place; then their prefix caches are dropped."""
+        stats, bucket, size = SyncStats(), {}, 0
+        limit = self.rollout.weight_sync_bucket_mb * 2**20
+        start = time.perf_counter()
+        for name, tensor in named_tensors:
+            bucket[name] = tensor.contiguous()
+            size += tensor.numel() * tensor.element_size()
+            if size >= limit:
+                self._push(bucket, stats)
+                bucket, size = {}, 0
+        if bucket:
+            self._push(bucket, stats)
+        for url in self.alive:
+            self._post(url, "/reset_prefix_cache", {})
+        stats.seconds = time.perf_counter() - start
+        log.info("weight sync to %d servers: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", len(self.alive),
+                 stats.num_tensors, stats.num_bytes / 1e6, stats.seconds, stats.gb_per_s)
+        return stats
+
+    def _push(self, bucket: dict, stats: SyncStats) -> None:
+        path = self.sync_dir / f"bucket_{stats.buckets:05d}.safetensors"
+        save_file(bucket, str(path))
+        try:
+            self._rpc_all("gift_load_file", str(path))
+        finally:
+            path.unlink(missing_ok=True)
+        stats.num_tensors += len(bucket)
+        stats.num_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
+        stats.buckets += 1
+
+    def checksums(self) -> list[str]:
+        return [r[0] for r in self._rpc_all("gift_checksum")]
+
+    def close(self) -> None:
+        shutil.rmtree(self.sync_dir, ignore_errors=True)
