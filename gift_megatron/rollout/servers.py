@@ -108,8 +108,9 @@ class ServerPool:
         try:
             r = requests.post(f"{url}{path}", json=payload, timeout=timeout or self.rollout.request_timeout_s)
         except requests.Timeout:
-            raise ServerError(f"vLLM server {url} did not answer {path} within "
-                              f"{timeout or self.rollout.request_timeout_s:.0f} s (rollout.request_timeout_s)") from None
+            limit = timeout or self.rollout.request_timeout_s
+            raise ServerError(f"vLLM server {url} did not answer {path} within {limit:.0f} s "
+                              f"(rollout.request_timeout_s)") from None
         except requests.ConnectionError as e:
             raise ServerError(f"vLLM server {url} is unreachable ({type(e).__name__}): is it running?") from None
         if r.status_code != 200:
