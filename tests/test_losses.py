@@ -167,3 +167,16 @@ def test_gift_needs_its_baseline():
     batch.old_logp_BT = None
     with pytest.raises(ValueError, match="baseline 'old' needs"):
         gift_loss(batch, norm, baseline="old")
+
+
+def test_sft_loss_is_token_mean_nll():
+    from gift_megatron.algo import sft_loss
+
+    logp = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    batch = LossBatch(logp_BT=logp, mask_BT=mask, advantages_B=torch.zeros(2), rewards_B=torch.zeros(2),
+                      group_index_B=torch.tensor([0, 0]), num_groups=1)
+    loss, metrics = sft_loss(batch, LossNorm(2, 3, 3))
+    assert loss.item() == pytest.approx(2.0) and metrics["nll"] == pytest.approx(2.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, -mask / 3)

@@ -8,13 +8,22 @@ from typing import Any
 
 from gift_megatron.algo.advantages import GroupFilter, group_advantages, overlong_penalty
 from gift_megatron.algo.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
-from gift_megatron.algo.losses import LossBatch, LossNorm, aggregate, gift_loss, global_norm, gspo_loss, ppo_clip_loss
+from gift_megatron.algo.losses import (
+    LossBatch,
+    LossNorm,
+    aggregate,
+    gift_loss,
+    global_norm,
+    gspo_loss,
+    ppo_clip_loss,
+    sft_loss,
+)
 
 ALGORITHMS = ("gift", "grpo", "dapo", "gspo")
 
 __all__ = [
     "ALGORITHMS", "GroupFilter", "LossBatch", "LossNorm", "aggregate", "build_loss", "gift_loss",
-    "global_norm", "group_advantages", "gspo_loss", "overlong_penalty", "ppo_clip_loss",
+    "global_norm", "group_advantages", "gspo_loss", "overlong_penalty", "ppo_clip_loss", "sft_loss",
     "vocab_parallel_entropy", "vocab_parallel_logprobs",
 ]
 

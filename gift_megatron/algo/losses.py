@@ -136,6 +136,14 @@ def gift_loss(
     return loss, metrics
 
 
+def sft_loss(batch: LossBatch, norm: LossNorm, *, dp_group: dist.ProcessGroup | None = None):
+    """Supervised warm-up: mean negative log-likelihood over every response token of the mini-batch."""
+    loss = aggregate(-batch.logp_BT, batch.mask_BT, "token-mean", norm)
+    with torch.no_grad():
+        metrics = {"nll": _masked_mean(-batch.logp_BT.detach(), batch.mask_BT)}
+    return loss, metrics
+
+
 def _ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict[str, float]:
     return {
         "ratio_mean": _masked_mean(log_ratio.exp(), mask),
