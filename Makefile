@@ -7,7 +7,7 @@ env:
 	bash scripts/setup_env.sh
 
 train: env
-	$(PY) bench/tabular_theory.py
+	$(VENV)/bin/gift-train
 
 test: env lint
 	bash scripts/run_tests.sh

