@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -16,9 +17,10 @@ from gift_megatron.config import register_configs, to_config
 
 log = logging.getLogger(__name__)
 register_configs()
+CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works for the console script too
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(dict_cfg: DictConfig) -> dict:
     from gift_megatron.build import build
     from gift_megatron.trainer import Preempted, maybe_resume, run

@@ -49,3 +49,12 @@ def test_interrupted_run_resumes_exactly(runs):
     want = [{k: r[k] for k in keys} for r in straight if r["step"] in (3, 4) and "reward" in r]
     got = [{k: r[k] for k in keys} for r in resumed if r["step"] in (3, 4) and "reward" in r]
     assert len(want) == 2 and got == want
+
+
+def test_console_script_composes_the_default_config():
+    """`gift-train` (README's main command) finds conf/ and composes the embedded default."""
+    script = Path(sys.executable).parent / "gift-train"
+    proc = subprocess.run([str(script), "--cfg", "job", "algo=dapo"], cwd="/", capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: dapo" in proc.stdout and "name: tiny-llama" in proc.stdout

@@ -96,7 +96,7 @@ class LocalEngine:
             self._push(bucket, stats)
         self.llm.reset_prefix_cache()
         stats.seconds = time.perf_counter() - start
-        log.info("weight sync: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", stats.num_tensors, stats.num_bytes / 1e6,
+        log.debug("weight sync: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", stats.num_tensors, stats.num_bytes / 1e6,
                  stats.seconds, stats.gb_per_s)
         return stats
 

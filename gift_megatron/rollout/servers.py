@@ -171,7 +171,7 @@ class ServerPool:
         for url in self.alive:
             self._post(url, "/reset_prefix_cache", {})
         stats.seconds = time.perf_counter() - start
-        log.info("weight sync to %d servers: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", len(self.alive),
+        log.debug("weight sync to %d servers: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", len(self.alive),
                  stats.num_tensors, stats.num_bytes / 1e6, stats.seconds, stats.gb_per_s)
         return stats
 
