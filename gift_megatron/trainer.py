@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from gift_megatron.algo import build_loss, group_advantages, overlong_penalty
+from gift_megatron.algo.advantages import nonconstant_groups
 from gift_megatron.config import Config
 from gift_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs, train_rollout_batch
@@ -69,24 +70,50 @@ def _logprobs(c: Components, chunks, batch: RolloutBatch) -> torch.Tensor:
                             c.cfg.model.vocab_size)
 
 
+def _generate(c: Components) -> tuple[list[int], list, torch.Tensor]:
+    cfg = c.cfg
+    idx = c.sampler.next(cfg.data.num_prompts_per_step)
+    seed = cfg.seed * 1_000_003 + c.sampler.epoch * 10_007 + c.sampler.position  # reproducible on resume
+    groups = c.engine.generate([c.task.train_prompts[i] for i in idx], cfg.algo.group_size, seed=seed)
+    return idx, groups, _rewards(c, idx, groups)
+
+
+def _dynamic_sampling(c: Components) -> tuple[list[int], list, torch.Tensor, dict]:
+    """DAPO: drop groups whose rewards are all equal and generate more, up to max_sampling_rounds;
+    a batch still short after the last round is topped up with dropped groups (zero advantage)."""
+    P, G = c.cfg.data.num_prompts_per_step, c.cfg.algo.group_size
+    kept, dropped, rounds = [], [], 0
+    while len(kept) < P and rounds < c.cfg.algo.max_sampling_rounds:
+        idx, groups, rewards = _generate(c)
+        informative = nonconstant_groups(rewards, torch.arange(P).repeat_interleave(G), P)
+        for j in range(P):
+            (kept if informative[j] else dropped).append((idx[j], groups[j], rewards[j * G:(j + 1) * G]))
+        rounds += 1
+    chosen = (kept + dropped)[:P]
+    stats = {"sampling_rounds": rounds, "frac_groups_informative": min(len(kept), P) / P}
+    return [x[0] for x in chosen], [x[1] for x in chosen], torch.cat([x[2] for x in chosen]), stats
+
+
 def rollout_step(c: Components) -> tuple[RolloutBatch, dict, torch.Tensor]:
     """Generate P x G samples, score them, and lay them out as the trainer's batch."""
     cfg, t0 = c.cfg, time.perf_counter()
-    idx = c.sampler.next(cfg.data.num_prompts_per_step)
-    prompts = [c.task.train_prompts[i] for i in idx]
-    groups = c.engine.generate(prompts, cfg.algo.group_size, seed=cfg.seed * 1_000_003 + c.step)
+    if cfg.algo.dynamic_sampling:
+        idx, groups, rewards, metrics = _dynamic_sampling(c)
+    else:
+        (idx, groups, rewards), metrics = _generate(c), {}
     t_gen = time.perf_counter() - t0
+    prompts = [c.task.train_prompts[i] for i in idx]
     sb = build_step_batch(prompts, groups, c.task.pad_id)
-    rewards = _rewards(c, idx, groups)
     shaped = rewards.clone()
     if cfg.algo.overlong_buffer_length:
         shaped += overlong_penalty(sb.response_lengths_B, cfg.rollout.max_new_tokens, cfg.algo.overlong_buffer_length,
                                    cfg.algo.overlong_penalty_factor)
     adv = group_advantages(shaped, sb.group_index_B, len(prompts), estimator=cfg.algo.advantage)
     batch = RolloutBatch(sb.tokens_BS, sb.response_mask_BS, shaped, adv, cfg.algo.group_size)
-    metrics = {"reward": float(rewards.mean()), "response_length": float(sb.response_lengths_B.float().mean()),
-               "frac_finished": float(sb.finished_B.float().mean()), "time_generate": t_gen,
-               "tokens_generated": float(sb.response_lengths_B.sum())}
+    tokens = float(sb.response_lengths_B.sum())
+    metrics.update(reward=float(rewards.mean()), response_length=float(sb.response_lengths_B.float().mean()),
+                   frac_finished=float(sb.finished_B.float().mean()), time_generate=t_gen, tokens_generated=tokens,
+                   tokens_per_second=tokens / max(t_gen, 1e-9))
     return batch, metrics, sb.engine_logp_BT
 
 

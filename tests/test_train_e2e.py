@@ -58,3 +58,34 @@ def test_console_script_composes_the_default_config():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "name: dapo" in proc.stdout and "name: tiny-llama" in proc.stdout
+
+
+def test_dapo_dynamic_sampling_and_gspo_run_in_the_same_loop(runs):
+    dapo = [r for r in train(runs / "dapo", "algo=dapo", "num_steps=3", "eval_every=100") if "reward" in r]
+    assert len(dapo) == 3
+    # ~30% of groups are all-wrong at this accuracy: DAPO regenerates until the batch is informative
+    assert all(r["sampling_rounds"] >= 1 for r in dapo)
+    assert sum(r["frac_groups_informative"] for r in dapo) / 3 > 0.9
+    assert max(r["sampling_rounds"] for r in dapo) > 1
+    gspo = [r for r in train(runs / "gspo", "algo=gspo", "num_steps=2", "eval_every=100") if "reward" in r]
+    assert len(gspo) == 2 and all("clip_frac" in r for r in gspo)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(runs):
+    import signal
+    import time
+
+    run_dir = runs / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "gift_megatron.train", f"run_dir={run_dir}", "num_steps=100000",
+                             "eval_every=100000", "save_every=100000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        assert proc.poll() is None, "the run ended before it was signalled"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0  # non-zero: a requeueing Slurm script sees the preemption
+    last = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    saved = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert saved and int(saved[-1].name.split("_")[1]) >= last >= 3
