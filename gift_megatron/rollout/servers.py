@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from gift_megatron.config import RolloutConfig
-from gift_megatron.rollout.engine import EXTENSION, Completion, SyncStats
+from gift_megatron.rollout.engine import EXTENSION, Completion, SyncStats, sync_in_buckets
 
 log = logging.getLogger(__name__)
 SERVED_NAME = "policy"
@@ -157,17 +157,8 @@ class ServerPool:
 
     def load_weights(self, named_tensors) -> SyncStats:
         """Every server loads every bucket in place; then their prefix caches are dropped."""
-        stats, bucket, size = SyncStats(), {}, 0
-        limit = self.rollout.weight_sync_bucket_mb * 2**20
         start = time.perf_counter()
-        for name, tensor in named_tensors:
-            bucket[name] = tensor.contiguous()
-            size += tensor.numel() * tensor.element_size()
-            if size >= limit:
-                self._push(bucket, stats)
-                bucket, size = {}, 0
-        if bucket:
-            self._push(bucket, stats)
+        stats = sync_in_buckets(named_tensors, self.rollout.weight_sync_bucket_mb * 2**20, self._push)
         for url in self.alive:
             self._post(url, "/reset_prefix_cache", {})
         stats.seconds = time.perf_counter() - start
@@ -175,16 +166,13 @@ class ServerPool:
                  stats.num_tensors, stats.num_bytes / 1e6, stats.seconds, stats.gb_per_s)
         return stats
 
-    def _push(self, bucket: dict, stats: SyncStats) -> None:
-        path = self.sync_dir / f"bucket_{stats.buckets:05d}.safetensors"
-        save_file(bucket, str(path))
+    def _push(self, bucket: list) -> None:
+        path = self.sync_dir / "bucket.safetensors"
+        save_file(dict(bucket), str(path))
         try:
             self._rpc_all("gift_load_file", str(path))
         finally:
             path.unlink(missing_ok=True)
-        stats.num_tensors += len(bucket)
-        stats.num_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
-        stats.buckets += 1
 
     def checksums(self) -> list[str]:
         return [r[0] for r in self._rpc_all("gift_checksum")]
