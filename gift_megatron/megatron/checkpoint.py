@@ -135,9 +135,7 @@ def _prepare_tmp(tmp: Path) -> None:
 
 
 def _publish(tmp: Path, final: Path, keep_last: int) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # atomic on one filesystem: the checkpoint appears complete or not at all
+    _replace_dir(tmp, final)
     for old in completed_checkpoints(final.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -198,4 +196,4 @@ def _prepare_tmp_dir(tmp: Path) -> None:
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
-    tmp.rename(final)
+    tmp.rename(final)  # atomic on one filesystem: the checkpoint appears complete or not at all
