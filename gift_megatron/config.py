@@ -198,13 +198,28 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     cpu_kvcache_space_gib: int = 1
     request_timeout_s: float = 300.0
+    server_start_timeout_s: float = 600.0
+    server_model_dir: str | None = None
+    """Servers started by Slurm (gift_megatron.rollout.serve): an HF folder to load; empty: dummy weights
+    of the model's architecture, replaced by the trainer's sync before the first generation."""
+    """How long to wait for servers to answer /health (model load, CUDA graph capture)."""
     on_server_failure: str = "error"
     """error: stop naming the server | failover: retry its work on the others."""
     weight_sync_bucket_mb: int = 256
+    weight_sync: str = "auto"
+    """Servers only. files: safetensors buckets in a folder every server reads | nccl: vLLM's NCCL
+    weight transfer (GPUs) | gloo: the same transfer API over gloo (CPU) | auto: nccl on GPUs, else files."""
+    weight_transfer_address: str | None = None
+    """nccl/gloo: the address of trainer rank 0 that server workers connect to (default: MASTER_ADDR,
+    else 127.0.0.1); the port is picked free at start."""
 
     def __post_init__(self) -> None:
         _one_of("rollout", "engine", self.engine, ("vllm", "vllm_server"))
         _one_of("rollout", "on_server_failure", self.on_server_failure, ("error", "failover"))
+        _one_of("rollout", "weight_sync", self.weight_sync, ("auto", "files", "nccl", "gloo"))
+        if self.weight_sync in ("nccl", "gloo") and self.on_server_failure == "failover":
+            raise ValueError(f"rollout.weight_sync={self.weight_sync} puts every server in one process group, "
+                             f"which a dead server breaks: use on_server_failure=error, or weight_sync=files")
         _positive("rollout", num_servers=self.num_servers, tensor_parallel_size=self.tensor_parallel_size,
                   temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                   request_timeout_s=self.request_timeout_s)
@@ -224,8 +239,13 @@ class DataConfig:
     num_prompts_per_step: int = 32
     num_eval_prompts: int = 500
     seed: int = 0
+    eval_path: str | None = None
+    """JSONL/Parquet held-out prompts; empty: the first num_eval_prompts of the shuffled file are held out."""
+    tokenizer: str | None = None
+    """JSONL/Parquet: a Hugging Face tokenizer folder (the addition task trains its own)."""
     warmup_target_accuracy: float = 0.15
-    """addition task: supervised warm-up until this held-out exact accuracy (cached per config)."""
+    """Supervised warm-up (prompt -> answer_field + EOS) until this held-out exact accuracy, cached per
+    config; skipped when model.init_checkpoint is set. warmup_max_steps=0 skips it too."""
     warmup_max_steps: int = 400
     warmup_lr: float = 1e-3
     warmup_batch_size: int = 128
@@ -235,6 +255,43 @@ class DataConfig:
         _positive("data", max_prompt_length=self.max_prompt_length, num_prompts_per_step=self.num_prompts_per_step)
         if self.name != "addition" and not self.path:
             raise ValueError(f"data.name={self.name} needs data.path=/path/to/prompts.{self.name}")
+        if self.name != "addition" and not self.tokenizer:
+            raise ValueError(f"data.name={self.name} needs data.tokenizer=/path/to/hf_tokenizer_folder (the "
+                             f"policy's tokenizer, e.g. the hf/ folder tools/hf_to_mcore.py writes)")
+        if self.warmup_max_steps < 0:
+            raise ValueError(f"data.warmup_max_steps={self.warmup_max_steps} must be >= 0 (0 skips the warm-up)")
+
+
+REWARD_KINDS = ("exact", "math_verify", "reward_model")
+
+
+@dataclass
+class RewardTermConfig:
+    kind: str = "exact"
+    """exact: the answer's tokens then EOS | math_verify: the final answer equals data's answer
+    (GSM8K '#### N', \\boxed{}, last number; math-verify) | reward_model: an HF sequence classifier."""
+    weight: float = 1.0
+    path: str | None = None
+    """reward_model: the classifier's Hugging Face folder."""
+    device: str = "cpu"
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _one_of("reward.terms[]", "kind", self.kind, REWARD_KINDS)
+        if self.kind == "reward_model" and not self.path:
+            raise ValueError("reward.terms[]: kind=reward_model needs path=/path/to/hf_reward_model")
+
+
+@dataclass
+class RewardConfig:
+    terms: list[RewardTermConfig] = field(default_factory=list)
+    """Sum of weight x term. Empty: the task's own check (exact for addition, math_verify for files).
+    DAPO's overlong shaping is algo.overlong_buffer_length, added on top."""
+    num_workers: int = 4
+    """Threads scoring groups while the others are still generating (server mode)."""
+
+    def __post_init__(self) -> None:
+        _positive("reward", num_workers=self.num_workers)
 
 
 @dataclass
@@ -265,6 +322,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     run_name: str = "default"
     seed: int = 1234
     device: str = "auto"
@@ -314,12 +372,18 @@ def _check_layout(cfg: Config) -> None:
 
 
 def _check_rollout(cfg: Config) -> None:
+    if cfg.parallel.world_size > 1 and cfg.rollout.engine == "vllm":
+        raise ValueError(f"parallel.world_size={cfg.parallel.world_size} with the in-process vLLM engine: it joins "
+                         f"torch.distributed's default group, so it only fits a one-process trainer; use "
+                         f"rollout=vllm_servers (servers started by rank 0, or rollout.server_urls)")
     if cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_available()):
         if cfg.model.kv_channels not in VLLM_CPU_HEAD_SIZES:
             raise ValueError(f"model.kv_channels={cfg.model.kv_channels} (head dim) is not supported by vLLM "
                              f"on CPU: use one of {list(VLLM_CPU_HEAD_SIZES)}")
         if cfg.rollout.tensor_parallel_size != 1:
             raise ValueError("rollout.tensor_parallel_size must be 1 on CPU: vLLM-CPU runs one engine process")
+        if cfg.rollout.weight_sync == "nccl":
+            raise ValueError("rollout.weight_sync=nccl needs GPUs: use gloo (same transfer API) or files on CPU")
         if cfg.model.fp8:
             raise ValueError("model.fp8 needs a GPU with Transformer Engine: set model.fp8=null on CPU")
 

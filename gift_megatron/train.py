@@ -23,23 +23,19 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works for 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(dict_cfg: DictConfig) -> dict:
     from gift_megatron.build import build
-    from gift_megatron.trainer import Preempted, maybe_resume, run
+    from gift_megatron.trainer import StopFlag, close, maybe_resume, run
 
-    def preempt(signum, frame):
-        raise Preempted(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, preempt)
-
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm's warning before the time limit
+        signal.signal(sig, StopFlag.request)
     cfg = to_config(dict_cfg)
     for noisy in ("megatron", "vllm"):  # their INFO lines (parameter lists, kernel notes) drown the progress bar
         logging.getLogger(noisy).setLevel(logging.WARNING)
     components = build(cfg)
-    maybe_resume(components)
     try:
+        maybe_resume(components)
         summary = run(components)
     finally:
-        components.engine.close()
+        close(components)
     log.info("done: %s", summary)
     return summary
 

@@ -1,7 +1,11 @@
 """The RL loop: sample prompts -> generate groups -> rewards -> reference/old log-probs -> policy
-updates -> weight sync -> eval -> log -> checkpoint. Components come from gift_megatron.setup.
+updates -> weight sync -> eval -> log -> checkpoint. Components come from gift_megatron.build.
 
-One process (the embedded default): the vLLM engine runs in the trainer's process.
+Global rank 0 owns the engine, the task and the rewards: it generates, scores and broadcasts the
+step's batch (tensors only) to the other ranks; every rank computes log-probs and trains its shard;
+weights are gathered to rank 0 and synced into the engine. A stop signal (SIGTERM/SIGUSR1, Slurm's
+warning before the time limit) only sets a flag: it is agreed on by all ranks at the end of the
+step, then every rank saves the checkpoint and leaves.
 """
 
 from __future__ import annotations
@@ -9,41 +13,39 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from gift_megatron.algo import build_loss, group_advantages, overlong_penalty
 from gift_megatron.algo.advantages import nonconstant_groups
+from gift_megatron.algo.layout import dp_sample_indices
 from gift_megatron.config import Config
 from gift_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.rollout.batch import build_step_batch
-from gift_megatron.rollout.verify import logprob_mismatch
+from gift_megatron.rollout.verify import mismatch_stats, summarize
 
 log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
-    """Raised from the SIGTERM/SIGUSR1 handler (Slurm's warning before the time limit)."""
+    """Raised once every rank has seen the stop flag and the checkpoint is written."""
 
 
-@dataclass
-class TaskData:
-    """Prompts and answers as token ids, and how a completion is scored."""
+class StopFlag:
+    """Set from a signal handler; read at step boundaries."""
 
-    train_prompts: list[list[int]]
-    train_answers: list[list[int]]
-    eval_prompts: list[list[int]]
-    eval_answers: list[list[int]]
-    eos_id: int
-    pad_id: int
+    signum: int | None = None
 
-    def reward(self, completion_ids: list[int], answer_ids: list[int]) -> float:
-        return 1.0 if list(completion_ids) == list(answer_ids) + [self.eos_id] else 0.0
+    @classmethod
+    def request(cls, signum: int, frame=None) -> None:
+        cls.signum = signum
 
 
 @dataclass
@@ -51,18 +53,15 @@ class Components:
     cfg: Config
     policy: object  # gift_megatron.megatron.policy.Policy
     reference: list | None
-    engine: object  # LocalEngine
-    task: TaskData
-    sampler: object  # PromptSampler
+    engine: object | None  # LocalEngine or ServerPool (rank 0 only)
+    task: object | None  # gift_megatron.rollout.tasks.TaskData (rank 0 only)
+    sampler: object  # PromptSampler (same state on every rank)
     run_dir: Path
+    scorer: object | None = None  # GroupScorer (rank 0 only)
     step: int = 0
     writer: object | None = None
     history: list = field(default_factory=list)
-
-
-def _rewards(c: Components, idx: list[int], groups) -> torch.Tensor:
-    return torch.tensor([c.task.reward(comp.token_ids, c.task.train_answers[i]) for i, g in zip(idx, groups)
-                         for comp in g])
+    rank0: bool = True
 
 
 def _logprobs(c: Components, chunks, batch: RolloutBatch) -> torch.Tensor:
@@ -70,39 +69,44 @@ def _logprobs(c: Components, chunks, batch: RolloutBatch) -> torch.Tensor:
                             c.cfg.model.vocab_size)
 
 
-def _generate(c: Components) -> tuple[list[int], list, torch.Tensor]:
+def _generate(c: Components) -> tuple[list[int], list, torch.Tensor, dict]:
+    """P prompts x G samples, scored as groups arrive (rank 0)."""
     cfg = c.cfg
     idx = c.sampler.next(cfg.data.num_prompts_per_step)
     seed = cfg.seed * 1_000_003 + c.sampler.epoch * 10_007 + c.sampler.position  # reproducible on resume
-    groups = c.engine.generate([c.task.train_prompts[i] for i in idx], cfg.algo.group_size, seed=seed)
-    return idx, groups, _rewards(c, idx, groups)
+    samples = [c.task.train[i] for i in idx]
+    arrivals = c.engine.generate_iter([s.prompt_ids for s in samples], cfg.algo.group_size, seed=seed)
+    groups, rewards, parts = c.scorer.score_all(arrivals, samples)
+    return idx, groups, rewards, parts
 
 
-def _dynamic_sampling(c: Components) -> tuple[list[int], list, torch.Tensor, dict]:
+def _dynamic_sampling(c: Components) -> tuple[list[int], list, torch.Tensor, dict, dict]:
     """DAPO: drop groups whose rewards are all equal and generate more, up to max_sampling_rounds;
     a batch still short after the last round is topped up with dropped groups (zero advantage)."""
     P, G = c.cfg.data.num_prompts_per_step, c.cfg.algo.group_size
     kept, dropped, rounds = [], [], 0
     while len(kept) < P and rounds < c.cfg.algo.max_sampling_rounds:
-        idx, groups, rewards = _generate(c)
+        idx, groups, rewards, parts = _generate(c)
         informative = nonconstant_groups(rewards, torch.arange(P).repeat_interleave(G), P)
         for j in range(P):
-            (kept if informative[j] else dropped).append((idx[j], groups[j], rewards[j * G:(j + 1) * G]))
+            part = {k: v[j * G:(j + 1) * G] for k, v in parts.items()}
+            (kept if informative[j] else dropped).append((idx[j], groups[j], rewards[j * G:(j + 1) * G], part))
         rounds += 1
     chosen = (kept + dropped)[:P]
     stats = {"sampling_rounds": rounds, "frac_groups_informative": min(len(kept), P) / P}
-    return [x[0] for x in chosen], [x[1] for x in chosen], torch.cat([x[2] for x in chosen]), stats
+    parts = {k: torch.cat([x[3][k] for x in chosen]) for k in chosen[0][3]}
+    return [x[0] for x in chosen], [x[1] for x in chosen], torch.cat([x[2] for x in chosen]), parts, stats
 
 
 def rollout_step(c: Components) -> tuple[RolloutBatch, dict, torch.Tensor]:
     """Generate P x G samples, score them, and lay them out as the trainer's batch."""
     cfg, t0 = c.cfg, time.perf_counter()
     if cfg.algo.dynamic_sampling:
-        idx, groups, rewards, metrics = _dynamic_sampling(c)
+        idx, groups, rewards, parts, metrics = _dynamic_sampling(c)
     else:
-        (idx, groups, rewards), metrics = _generate(c), {}
+        (idx, groups, rewards, parts), metrics = _generate(c), {}
     t_gen = time.perf_counter() - t0
-    prompts = [c.task.train_prompts[i] for i in idx]
+    prompts = [c.task.train[i].prompt_ids for i in idx]
     sb = build_step_batch(prompts, groups, c.task.pad_id)
     shaped = rewards.clone()
     if cfg.algo.overlong_buffer_length:
@@ -111,18 +115,76 @@ def rollout_step(c: Components) -> tuple[RolloutBatch, dict, torch.Tensor]:
     adv = group_advantages(shaped, sb.group_index_B, len(prompts), estimator=cfg.algo.advantage)
     batch = RolloutBatch(sb.tokens_BS, sb.response_mask_BS, shaped, adv, cfg.algo.group_size)
     tokens = float(sb.response_lengths_B.sum())
+    if len(parts) > 1:
+        metrics.update({f"reward_{k}": float(v.mean()) for k, v in parts.items()})
     metrics.update(reward=float(rewards.mean()), response_length=float(sb.response_lengths_B.float().mean()),
                    frac_finished=float(sb.finished_B.float().mean()), time_generate=t_gen, tokens_generated=tokens,
                    tokens_per_second=tokens / max(t_gen, 1e-9))
     return batch, metrics, sb.engine_logp_BT
 
 
+def _broadcast_batch(c: Components, batch: RolloutBatch | None, engine_logp: torch.Tensor | None):
+    """Rank 0's step batch to every rank (tensors only, no pickling), and the sampler's position."""
+    if dist.get_world_size() == 1:
+        return batch, engine_logp
+    header = torch.zeros(4, dtype=torch.long)
+    if c.rank0:
+        header[:] = torch.tensor([*batch.tokens_BS.shape, c.sampler.epoch, c.sampler.position])
+    dist.broadcast(header, 0)
+    B, S, epoch, position = header.tolist()
+    c.sampler.epoch, c.sampler.position = epoch, position
+    if not c.rank0:
+        batch = RolloutBatch(torch.empty(B, S, dtype=torch.long), torch.empty(B, S), torch.empty(B), torch.empty(B),
+                             c.cfg.algo.group_size)
+        engine_logp = torch.empty(B, S - 1)
+    for t in (batch.tokens_BS, batch.response_mask_BS, batch.rewards_B, batch.advantages_B, engine_logp):
+        dist.broadcast(t, 0)
+    return batch, engine_logp
+
+
+def _local_shard(c: Components, batch: RolloutBatch, engine_logp: torch.Tensor):
+    """This DP rank's G/DP samples of every prompt (DESIGN.md's layout)."""
+    dp = ps.get_data_parallel_world_size()
+    if dp == 1:
+        return batch, engine_logp
+    P, G = batch.tokens_BS.shape[0] // c.cfg.algo.group_size, c.cfg.algo.group_size
+    idx = dp_sample_indices(P, G, ps.get_data_parallel_rank(), dp)
+    return replace(batch.select(idx), samples_per_prompt=G // dp), engine_logp[idx]
+
+
+def _mismatch(engine_logp: torch.Tensor, trainer_logp: torch.Tensor | None, mask_BT: torch.Tensor) -> dict:
+    """Engine vs trainer log-probs over every rank's samples (the last stage has them; TP ranks agree)."""
+    stats = torch.zeros(3, dtype=torch.float64)
+    if trainer_logp is not None and ps.get_tensor_model_parallel_rank() == 0:
+        stats = mismatch_stats(engine_logp, trainer_logp, mask_BT)
+    if dist.get_world_size() > 1:
+        peak = stats[2:].clone()
+        dist.all_reduce(stats)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        stats[2] = peak[0]
+    return summarize(stats)
+
+
+def sync_weights(c: Components):
+    """Gather the policy (every rank) and load it into the engine (rank 0). Returns rank 0's SyncStats."""
+    weights = gather_hf_weights(c.policy.chunks, c.cfg.model)
+    if not c.rank0:
+        for _ in weights:
+            pass
+        return None
+    return c.engine.load_weights(weights)
+
+
 def train_step(c: Components) -> dict[str, float]:
     cfg = c.cfg
-    batch, metrics, engine_logp = rollout_step(c)
+    batch = engine_logp = None
+    metrics: dict[str, float] = {}
+    if c.rank0:
+        batch, metrics, engine_logp = rollout_step(c)
+    batch, engine_logp = _local_shard(c, *_broadcast_batch(c, batch, engine_logp))
     t0 = time.perf_counter()
     old = _logprobs(c, c.policy.chunks, batch)
-    metrics.update(logprob_mismatch(engine_logp, old, batch.mask_BT))
+    metrics.update(_mismatch(engine_logp, old, batch.mask_BT))
     if cfg.algo.needs_old_logprobs:
         batch.old_logp_BT = old
     t1 = time.perf_counter()
@@ -133,24 +195,29 @@ def train_step(c: Components) -> dict[str, float]:
                                 micro_batch_size=cfg.parallel.micro_batch_size, temperature=cfg.rollout.temperature,
                                 vocab_size=cfg.model.vocab_size)
     t3 = time.perf_counter()
-    sync = c.engine.load_weights(gather_hf_weights(c.policy.chunks, cfg.model))
+    sync = sync_weights(c)
     for key in steps[-1]:
         metrics[key] = sum(s[key] for s in steps) / len(steps)
-    metrics.update(time_old_logprobs=t1 - t0, time_reference=t2 - t1, time_train=t3 - t2, time_sync=sync.seconds,
-                   sync_gb_per_s=sync.gb_per_s)
+    metrics.update(time_old_logprobs=t1 - t0, time_reference=t2 - t1, time_train=t3 - t2)
+    if sync is not None:
+        metrics.update(time_sync=sync.seconds, sync_gb_per_s=sync.gb_per_s)
     return metrics
 
 
-def evaluate(c: Components) -> float:
-    """Held-out exact accuracy with greedy decoding."""
-    groups = c.engine.generate(c.task.eval_prompts, 1, temperature=0.0)
-    hits = [c.task.reward(g[0].token_ids, a) for g, a in zip(groups, c.task.eval_answers)]
-    return sum(hits) / len(hits)
+def evaluate(c: Components) -> dict[str, float]:
+    """Held-out accuracy (the task's check) and reward with greedy decoding (rank 0)."""
+    samples = c.task.eval
+    groups = c.engine.generate([s.prompt_ids for s in samples], 1, temperature=0.0)
+    _, totals, _ = c.scorer.score_all(enumerate(groups), samples)
+    hits = [float(c.scorer.reward.accuracy(g, s)[0]) for g, s in zip(groups, samples)]
+    return {"eval_accuracy": sum(hits) / len(hits), "eval_reward": float(totals.mean())}
 
 
 def _log(c: Components, metrics: dict) -> None:
     record = {"step": c.step, **metrics}
     c.history.append(record)
+    if not c.rank0:
+        return
     with (c.run_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
     if c.writer is not None:
@@ -164,39 +231,75 @@ def save(c: Components) -> None:
 
 
 def maybe_resume(c: Components) -> bool:
-    ckpt = latest_checkpoint(c.run_dir / "checkpoints") if c.cfg.resume else None
-    if ckpt is None:
+    """Collective: every rank loads the newest complete checkpoint of run_dir, if resume is on."""
+    found = latest_checkpoint(c.run_dir / "checkpoints") if c.cfg.resume else None
+    flag = torch.tensor([found is not None], dtype=torch.long)
+    if dist.get_world_size() > 1:
+        dist.broadcast(flag, 0)  # rank 0's view decides (a shared filesystem may lag elsewhere)
+    if not flag.item():
         return False
-    state = load_checkpoint(ckpt, c.policy)
+    if found is None:
+        raise RuntimeError(f"rank {dist.get_rank()} cannot see the checkpoint rank 0 found under {c.run_dir}: "
+                           f"the run folder must be on a filesystem every node shares")
+    state = load_checkpoint(found, c.policy)
     c.sampler.load_state_dict(state["sampler"])
     c.step = int(state["step"])
-    c.engine.load_weights(gather_hf_weights(c.policy.chunks, c.cfg.model))
-    log.info("resumed from %s (step %d)", ckpt, c.step)
+    sync_weights(c)
+    log.info("resumed from %s (step %d)", found, c.step)
     return True
 
 
+def _stop_requested() -> bool:
+    """Whether any rank got a stop signal (agreed by all ranks at the step boundary)."""
+    flag = torch.tensor([StopFlag.signum is not None], dtype=torch.long)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def run(c: Components) -> dict[str, float]:
-    """The loop; SIGTERM/Ctrl-C save a checkpoint before leaving (raised again to the caller)."""
+    """The loop. A stop signal ends it after the current step with a checkpoint (Preempted raised);
+    Ctrl-C in a one-process run saves too."""
     cfg = c.cfg
-    if c.step == 0:
-        _log(c, {"eval_accuracy": evaluate(c)})
-    bar = tqdm(total=cfg.num_steps, initial=c.step, desc=f"{cfg.algo.name}", unit="step")
+    if c.step == 0 and c.rank0:
+        _log(c, evaluate(c))
+    bar = tqdm(total=cfg.num_steps, initial=c.step, desc=f"{cfg.algo.name}", unit="step", disable=not c.rank0)
     try:
         while c.step < cfg.num_steps:
             metrics = train_step(c)
             c.step += 1
-            if c.step % cfg.eval_every == 0 or c.step == cfg.num_steps:
-                metrics["eval_accuracy"] = evaluate(c)
+            if c.rank0 and (c.step % cfg.eval_every == 0 or c.step == cfg.num_steps):
+                metrics.update(evaluate(c))
             _log(c, metrics)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics.get('eval_accuracy', float('nan')):.3f}")
-            if c.step % cfg.save_every == 0 or c.step == cfg.num_steps:
+            if c.rank0:
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}",
+                                acc=f"{metrics.get('eval_accuracy', float('nan')):.3f}")
+            saved = c.step % cfg.save_every == 0 or c.step == cfg.num_steps
+            if saved:
                 save(c)
-    except (KeyboardInterrupt, Preempted):
+            if _stop_requested():
+                log.warning("stop signal: checkpoint at step %d, leaving", c.step)
+                if not saved:
+                    save(c)
+                raise Preempted(f"stop signal at step {c.step}")
+    except KeyboardInterrupt:
+        if dist.get_world_size() > 1:
+            raise  # ranks may be inside different collectives: a collective save could hang
         log.warning("interrupted at step %d: saving a checkpoint", c.step)
         save(c)
         raise
     finally:
         bar.close()
     evals = [h["eval_accuracy"] for h in c.history if "eval_accuracy" in h]
-    return {"first_eval_accuracy": evals[0], "last_eval_accuracy": evals[-1], "steps": c.step}
+    return {"first_eval_accuracy": evals[0], "last_eval_accuracy": evals[-1], "steps": c.step} if evals else {}
+
+
+def close(c: Components) -> None:
+    """Rank 0: stop the scorer and the engine (call last: the in-process engine ends torch.distributed)."""
+    if c.scorer is not None:
+        c.scorer.close()
+    if c.engine is not None:
+        c.engine.close()
+    if dist.is_initialized():  # (the in-process engine's shutdown already ended it)
+        dist.destroy_process_group()

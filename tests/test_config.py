@@ -13,9 +13,10 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 # Options that only make sense with others (a 32-GPU layout needs a model that it divides).
 COMPANIONS = {
-    ("data", "gsm8k_jsonl"): ["data.path=/data/prompts.jsonl"],
-    ("experiment", "qwen2.5_32b_gift"): ["data.path=/data/prompts.jsonl"],
-    ("parallel", "tp8_pp2_dp2"): ["model=qwen2.5_32b", "device=cuda", "algo.group_size=16"],
+    ("data", "gsm8k_jsonl"): ["data.path=/data/prompts.jsonl", "data.tokenizer=/models/qwen"],
+    ("experiment", "qwen2.5_32b_gift"): ["data.path=/data/prompts.jsonl", "data.tokenizer=/models/qwen"],
+    ("parallel", "tp8_pp2_dp2"): ["model=qwen2.5_32b", "device=cuda", "algo.group_size=16", "rollout=vllm_servers"],
+    ("parallel", "tp2"): ["rollout=vllm_servers"],
 }
 
 
@@ -62,7 +63,7 @@ def test_real_model_presets_have_their_published_sizes():
 
 
 def test_32b_experiment_layout():
-    cfg = compose_config("experiment=qwen2.5_32b_gift", "data.path=/data/train.jsonl")
+    cfg = compose_config("experiment=qwen2.5_32b_gift", "data.path=/data/train.jsonl", "data.tokenizer=/models/q")
     p = cfg.parallel
     assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size) == (8, 2, 2)
     assert cfg.model.fp8 == "hybrid" and cfg.algo.group_size == 16 and cfg.optim.lr == 1e-6
@@ -103,6 +104,12 @@ ERRORS = [
     (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
     (["rollout.on_server_failure=ignore"], "rollout.on_server_failure='ignore' is not supported"),
     (["data.name=jsonl"], "data.name=jsonl needs data.path=/path/to/prompts.jsonl"),
+    (["data.name=jsonl", "data.path=/p.jsonl"], "data.name=jsonl needs data.tokenizer=/path/to/hf_tokenizer_folder"),
+    (["data.warmup_max_steps=-1"], "data.warmup_max_steps=-1 must be >= 0"),
+    (["parallel=tp2"], "parallel.world_size=2 with the in-process vLLM engine"),
+    (["reward.terms=[{kind:bleu}]"], "reward.terms[].kind='bleu' is not supported"),
+    (["reward.terms=[{kind:reward_model}]"], "kind=reward_model needs path=/path/to/hf_reward_model"),
+    (["reward.num_workers=0"], "reward.num_workers=0 must be > 0"),
     (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
     (["optim.min_lr=1"], "optim.min_lr=1.0 exceeds optim.lr"),
     (["optim.lr_decay_style=step"], "optim.lr_decay_style='step' is not supported"),

@@ -125,3 +125,20 @@ def test_cpu_compat_is_narrow_and_applied_only_without_cuda():
     assert res["device"] == "cpu" and res["current_device"] == "cpu"
     assert res["inside"] == "torch.cuda.FloatTensor"  # only inside the scoped megatron calls ...
     assert res["outside"] == "torch.FloatTensor"  # ... never globally
+
+
+def test_mpi_launch_discovers_ranks_and_rendezvous():
+    """mpiexec (the mpich wheel's) with no RANK/MASTER_* set: mpi4py gives rank, size and local rank;
+    rank 0's address and a free port are broadcast over MPI; gloo's all_reduce then works."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "tests/mpi_rendezvous.py"], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(sorted(env))
+    assert sorted(line for line in proc.stdout.replace("rank ", "\nrank ").splitlines() if line) == [
+        "rank 0/2 local 0 sum 3.0", "rank 1/2 local 1 sum 3.0"]

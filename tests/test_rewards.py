@@ -74,3 +74,49 @@ def test_reward_model_scores_in_batches(tmp_path):
     single = torch.cat([rm.score_batch([t]) for t in texts])
     assert batched.shape == (4,) and batched.std() > 0
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
+def _completion(ids):
+    from gift_megatron.rollout.engine import Completion
+
+    return Completion(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop")
+
+
+def test_rewards_compose_by_config_and_score_in_prompt_order():
+    """1.0 x math_verify + 0.5 x exact, hand-computed per completion; groups arriving out of order
+    (as servers finish them) come back in prompt order."""
+    from gift_megatron.config import RewardConfig, RewardTermConfig
+    from gift_megatron.rollout.rewards import GroupScorer, build_reward
+    from gift_megatron.rollout.tasks import Sample
+
+    EOS = 9
+    digits = {1: "1", 2: "2", 3: "3", 4: "4"}
+    decode = lambda ids: "".join(digits.get(i, "") for i in ids)  # noqa: E731
+    cfg = RewardConfig(terms=[RewardTermConfig(kind="math_verify", weight=1.0),
+                              RewardTermConfig(kind="exact", weight=0.5)])
+    reward = build_reward(cfg, task="jsonl", eos_id=EOS, decode=decode)
+    samples = [Sample([5], [1, 2], "12", "q0"), Sample([6], [3], "3", "q1")]
+    groups = {0: [_completion([1, 2, EOS]), _completion([1, 2]), _completion([2, 1, EOS])],
+              1: [_completion([3, EOS]), _completion([4, EOS]), _completion([])]}
+    scorer = GroupScorer(reward, num_workers=2)
+    ordered, totals, parts = scorer.score_all([(1, groups[1]), (0, groups[0])], samples)
+    scorer.close()
+    assert ordered == [groups[0], groups[1]]
+    # "12"+EOS: both; "12" without EOS: math only; "21": neither | "3"+EOS: both; "4": neither; "": neither
+    assert parts["math_verify"].tolist() == [1, 1, 0, 1, 0, 0]
+    assert parts["exact"].tolist() == [1, 0, 0, 1, 0, 0]
+    assert totals.tolist() == [1.5, 1.0, 0.0, 1.5, 0.0, 0.0]
+    assert reward.accuracy(groups[0], samples[0]).tolist() == [1, 1, 0]  # files: the math check
+
+
+def test_default_reward_is_the_tasks_check_and_missing_groups_are_named():
+    from gift_megatron.config import RewardConfig
+    from gift_megatron.rollout.rewards import GroupScorer, build_reward
+    from gift_megatron.rollout.tasks import Sample
+
+    reward = build_reward(RewardConfig(), task="addition", eos_id=9, decode=str)
+    assert [k for k, _, _ in reward.terms] == ["exact"]
+    scorer = GroupScorer(reward, num_workers=1)
+    with pytest.raises(RuntimeError, match=r"returned groups \[0\] for 2 prompts"):
+        scorer.score_all([(0, [_completion([9])])], [Sample([1], [], "", ""), Sample([1], [], "", "")])
+    scorer.close()

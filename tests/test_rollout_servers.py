@@ -73,3 +73,23 @@ def test_a_server_that_cannot_start_is_named(tmp_path):
             server.wait_ready(timeout_s=120)
     finally:
         server.stop()
+
+
+def test_weight_transfer_layout_and_metadata_contract():
+    """One group: trainer rank 0, then each server's workers at their offsets; a round whose tensors
+    differ from the recorded metadata (what vLLM sized its buffers from) is refused, naming the tensor."""
+    from vllm.distributed.weight_transfer.base import ParamMeta
+
+    from gift_megatron.rollout.weight_transfer import WeightTransfer, _RoundSource
+
+    wt = WeightTransfer("nccl", ["http://a:1", "http://b:2", "http://c:3"], [4, 4, 2], master_address="10.0.0.1",
+                        master_port=29600, timeout_s=5)
+    assert wt.client.offsets == [1, 5, 9] and wt.world_size == 11
+    source = _RoundSource([ParamMeta("w", torch.float32, (2, 3)), ParamMeta("b", torch.float32, (3,))])
+    source.stream = iter([("w", torch.zeros(2, 3)), ("b", torch.zeros(3))])
+    assert [n for n, _ in source] == ["w", "b"]
+    source.stream = iter([("w", torch.zeros(2, 3)), ("b", torch.zeros(4))])
+    with pytest.raises(RuntimeError, match=r"tensor 1 is b \(4,\) torch.float32, the servers expect b \(3,\)"):
+        list(source)
+    with pytest.raises(RuntimeError, match="no weights were handed over"):
+        list(source)

@@ -24,9 +24,44 @@ class RankInfo:
     local_rank: int
 
 
-def rank_from_env(env: dict[str, str] | None = None) -> RankInfo:
-    """RANK/WORLD_SIZE/LOCAL_RANK as torchrun sets them, else Slurm's SLURM_PROCID/NTASKS/LOCALID."""
+_MPI_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")  # set by mpiexec or srun --mpi=pmi2|pmix
+
+
+def launched_by_mpi(env: dict[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
+    return any(v in env for v in _MPI_VARS)
+
+
+def rank_from_mpi() -> RankInfo:
+    """Rank, size and node-local rank from MPI (mpi4py); MASTER_ADDR/MASTER_PORT, when the launcher did
+    not set them, from rank 0 (its address and a free port, broadcast over MPI) and exported."""
+    import socket
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        buf = bytearray(256)  # "addr port" as raw bytes (no pickling)
+        if comm.Get_rank() == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+            text = (f"{os.environ.get('MASTER_ADDR') or socket.gethostbyname(socket.gethostname())} "
+                    f"{os.environ.get('MASTER_PORT') or port}").encode()
+            buf[:len(text)] = text
+        comm.Bcast([buf, MPI.BYTE], root=0)
+        addr, port = buf.rstrip(b"\0").decode().split()
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port)
+    return RankInfo(comm.Get_rank(), comm.Get_size(), local)
+
+
+def rank_from_env(env: dict[str, str] | None = None) -> RankInfo:
+    """RANK/WORLD_SIZE/LOCAL_RANK as torchrun sets them, else MPI's (mpiexec, srun --mpi=pmi2|pmix),
+    else Slurm's SLURM_PROCID/NTASKS/LOCALID."""
+    env = os.environ if env is None else env
+    if "RANK" not in env and launched_by_mpi(env):
+        return rank_from_mpi()
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:

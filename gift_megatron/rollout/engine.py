@@ -106,6 +106,10 @@ class LocalEngine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         return [[_completion(o) for o in out.outputs] for out in outputs]
 
+    def generate_iter(self, prompts: list[list[int]], n: int, **kwargs):
+        """(prompt index, its n samples): one blocking call in-process, so all arrive together."""
+        yield from enumerate(self.generate(prompts, n, **kwargs))
+
     def load_weights(self, named_tensors) -> SyncStats:
         """Load (HF name, tensor) pairs in place, in buckets of `weight_sync_bucket_mb`, then drop the
         prefix cache (its KV entries were computed with the old weights)."""

@@ -1,5 +1,9 @@
-"""Rewards: a math answer verifier (math-verify underneath), a Hugging Face reward model, and
-DAPO's overlong shaping on top (gift_megatron.algo.overlong_penalty).
+"""Rewards: a math answer verifier (math-verify underneath), a Hugging Face reward model, the exact
+answer check, composed by config (`reward.terms`: sum of weight x term), and DAPO's overlong
+shaping on top (gift_megatron.algo.overlong_penalty).
+
+Groups are scored by `GroupScorer` in a thread pool as each group's completions arrive, so with
+servers the rewards of finished groups are computed while other groups are still generating.
 
 math-verify bounds its parsing time with `signal.alarm`, which only works in the main thread: there
 its timeouts are on; in other threads they are off (its documented switch) and the completion is
@@ -11,9 +15,13 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+
+from gift_megatron.config import RewardConfig
+from gift_megatron.rollout.tasks import Sample, exact_answer_reward
 
 log = logging.getLogger(__name__)
 _GSM8K = re.compile(r"####\s*([^\n]+)")
@@ -98,3 +106,76 @@ class RewardModel:
                                  truncation=True, max_length=self.max_length).to(self.device)
             scores.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
+
+
+Term = Callable[[list, Sample], torch.Tensor]  # (completions of one group, its sample) -> [G] rewards
+
+
+class CompositeReward:
+    """sum_i weight_i x term_i per group; the per-term values are kept for logging."""
+
+    def __init__(self, terms: list[tuple[str, float, Term]], accuracy: Term) -> None:
+        if not terms:
+            raise ValueError("reward.terms is empty after defaults: give at least one term")
+        self.terms, self.accuracy = terms, accuracy
+
+    def score_group(self, completions: list, sample: Sample) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {kind: term(completions, sample).float() for kind, _, term in self.terms}
+        total = sum(weight * parts[kind] for kind, weight, _ in self.terms)
+        return total, parts
+
+
+def build_reward(cfg: RewardConfig, *, task: str, eos_id: int, decode: Callable[[list[int]], str]) -> CompositeReward:
+    """The configured terms; an empty list means the task's own check (exact for the addition task,
+    math_verify for JSONL/Parquet prompts). Accuracy (eval) is that check, whatever the terms."""
+    from gift_megatron.config import RewardTermConfig
+
+    verifier = MathVerifier()
+
+    def exact(comps, sample):
+        return torch.tensor([exact_answer_reward(c.token_ids, sample.answer_ids, eos_id) for c in comps])
+
+    def math(comps, sample):
+        return verifier.score_batch([decode(c.token_ids) for c in comps], [sample.answer] * len(comps))
+
+    def make(term: RewardTermConfig) -> Term:
+        if term.kind == "exact":
+            return exact
+        if term.kind == "math_verify":
+            return math
+        model = RewardModel(term.path, device=term.device, batch_size=term.batch_size)
+        lock = threading.Lock()  # one model, scored from the pool's threads one batch at a time
+
+        def reward_model(comps, sample):
+            with lock:
+                return model.score_batch([sample.prompt + decode(c.token_ids) for c in comps])
+        return reward_model
+
+    check = exact if task == "addition" else math
+    terms = cfg.terms or [RewardTermConfig(kind="exact" if task == "addition" else "math_verify")]
+    return CompositeReward([(t.kind, t.weight, make(t)) for t in terms], check)
+
+
+class GroupScorer:
+    """Scores groups on worker threads as they arrive; `results()` waits for all, in prompt order."""
+
+    def __init__(self, reward: CompositeReward, num_workers: int) -> None:
+        self.reward, self.pool = reward, ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="reward")
+
+    def score_all(self, arrivals: Iterable[tuple[int, list]], samples: list[Sample]):
+        """`arrivals`: (prompt index, completions) in any order. Returns (groups, totals [P*G], parts)."""
+        futures: dict[int, Future] = {}
+        groups: dict[int, list] = {}
+        for j, comps in arrivals:
+            groups[j] = comps
+            futures[j] = self.pool.submit(self.reward.score_group, comps, samples[j])
+        order = sorted(groups)
+        if order != list(range(len(samples))):
+            raise RuntimeError(f"the engine returned groups {order} for {len(samples)} prompts")
+        scored = [futures[j].result() for j in order]
+        totals = torch.cat([t for t, _ in scored])
+        parts = {k: torch.cat([p[k] for _, p in scored]) for k in scored[0][1]} if scored else {}
+        return [groups[j] for j in order], totals, parts
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

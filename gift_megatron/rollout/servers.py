@@ -6,14 +6,15 @@ endpoints (`VLLM_SERVER_DEV_MODE=1`: /collective_rpc, /reset_prefix_cache). Serv
 unless `rollout.host` says otherwise. Every request has a timeout; a dead or hung server is named
 in the error, or (`rollout.on_server_failure=failover`) its prompts are retried on the others.
 
-Weight sync here goes through safetensors bucket files in a folder every server can read (the
-trainer's machine, or a shared filesystem on a cluster), loaded by `gift_load_file` in each worker;
-only file paths cross HTTP, never pickles. On GPU clusters vLLM's NCCL weight-transfer endpoints
-are the fast path (not exercised on these CPU machines).
+Weight sync: `files` writes safetensors buckets to a folder every server can read (the trainer's
+machine, or a shared filesystem on a cluster), loaded by `gift_load_file` in each worker; only file
+paths cross HTTP, never pickles. `nccl`/`gloo` use vLLM's weight-transfer API instead
+(gift_megatron.rollout.weight_transfer): one process group of trainer rank 0 and every worker.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import requests
@@ -39,23 +40,34 @@ class ServerError(RuntimeError):
     """A vLLM server failed; the message names it."""
 
 
+def server_command(model_dir: str | Path, host: str, port: int, rollout: RolloutConfig, *, seed: int,
+                   max_model_len: int, dtype: str = "float32", transfer_backend: str | None = None,
+                   load_format: str = "auto") -> tuple[list[str], dict[str, str]]:
+    """The vLLM OpenAI server command line and environment, for the trainer's servers and Slurm's."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--dtype", dtype,
+           "--max-model-len", str(max_model_len), "--seed", str(seed), "--worker-extension-cls", EXTENSION,
+           "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs", "--load-format", load_format,
+           "--tensor-parallel-size", str(rollout.tensor_parallel_size),
+           "--gpu-memory-utilization", str(rollout.gpu_memory_utilization)]
+    if transfer_backend:  # vLLM's weight-transfer endpoints (gift_gloo: registered by our vLLM plugin)
+        cmd += ["--weight-transfer-config", json.dumps({"backend": transfer_backend})]
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    if not torch.cuda.is_available():
+        cmd.append("--enforce-eager")
+        env.update(VLLM_CPU_KVCACHE_SPACE=str(rollout.cpu_kvcache_space_gib), VLLM_HOST_IP=host)
+    return cmd, env
+
+
 class VLLMServer:
     """A server process started by the trainer (local runs and tests); Slurm starts its own."""
 
     def __init__(self, model_dir: str | Path, port: int, rollout: RolloutConfig, *, seed: int, max_model_len: int,
-                 log_dir: str | Path, dtype: str = "float32") -> None:
+                 log_dir: str | Path, dtype: str = "float32", transfer_backend: str | None = None) -> None:
         self.url = f"http://{rollout.host}:{port}"
         self.log_path = Path(log_dir) / f"vllm_server_{port}.log"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", SERVED_NAME, "--host", rollout.host, "--port", str(port), "--dtype", dtype,
-               "--max-model-len", str(max_model_len), "--seed", str(seed), "--worker-extension-cls", EXTENSION,
-               "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs",
-               "--tensor-parallel-size", str(rollout.tensor_parallel_size),
-               "--gpu-memory-utilization", str(rollout.gpu_memory_utilization)]
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
-        if not torch.cuda.is_available():
-            cmd.append("--enforce-eager")
-            env.update(VLLM_CPU_KVCACHE_SPACE=str(rollout.cpu_kvcache_space_gib), VLLM_HOST_IP=rollout.host)
+        cmd, env = server_command(model_dir, rollout.host, port, rollout, seed=seed, max_model_len=max_model_len,
+                                  dtype=dtype, transfer_backend=transfer_backend)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -97,12 +109,33 @@ class ServerPool:
     """Client for N servers: prompt groups spread round-robin, requests concurrent, failures named."""
 
     def __init__(self, urls: list[str], rollout: RolloutConfig, *, stop_token_ids: list[int] | None = None,
-                 sync_dir: str | Path | None = None) -> None:
+                 sync_dir: str | Path | None = None, owned_servers: list[VLLMServer] | None = None,
+                 transfer=None) -> None:
         if not urls:
             raise ValueError("rollout.server_urls is empty and no server was started: give the servers' URLs")
         self.urls, self.alive = list(urls), list(urls)
         self.rollout, self.stop_token_ids = rollout, stop_token_ids or []
         self.sync_dir = Path(sync_dir or tempfile.mkdtemp(prefix="gift_weight_sync_"))
+        self.sync_dir.mkdir(parents=True, exist_ok=True)
+        self.owned_servers = owned_servers or []  # stopped by close()
+        self.transfer = transfer  # a gift_megatron.rollout.weight_transfer.WeightTransfer, or files
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Servers started elsewhere (Slurm): wait until each answers /health, naming the ones that never do."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.urls)
+        while waiting and time.monotonic() < deadline:
+            for url in list(waiting):
+                try:
+                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                        waiting.remove(url)
+                except requests.RequestException:
+                    pass
+            if waiting:
+                time.sleep(1.0)
+        if waiting:
+            raise ServerError(f"vLLM servers {', '.join(waiting)} not healthy after {timeout_s:.0f} s "
+                              f"(rollout.server_start_timeout_s): check their logs and rollout.server_urls")
 
     def _post(self, url: str, path: str, payload: dict, timeout: float | None = None) -> dict:
         try:
@@ -141,15 +174,25 @@ class ServerPool:
                 if url in self.alive:
                     self.alive.remove(url)
 
-    def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int | None = None,
-                 temperature: float | None = None, seed: int | None = None) -> list[list[Completion]]:
-        """n samples for each prompt, in prompt order (each prompt's group goes to one server)."""
+    def generate_iter(self, prompts: list[list[int]], n: int, *, max_new_tokens: int | None = None,
+                      temperature: float | None = None, seed: int | None = None):
+        """(prompt index, its n samples) as each group finishes (each prompt's group goes to one server)."""
         max_tokens = max_new_tokens or self.rollout.max_new_tokens
         temp = self.rollout.temperature if temperature is None else temperature
         with ThreadPoolExecutor(max_workers=min(64, max(1, len(prompts)))) as pool:
-            futures = [pool.submit(self._complete_with_failover, i, p, n, max_tokens, temp,
-                                   None if seed is None else seed + i) for i, p in enumerate(prompts)]
-            return [f.result() for f in futures]
+            futures = {pool.submit(self._complete_with_failover, i, p, n, max_tokens, temp,
+                                   None if seed is None else seed + i): i for i, p in enumerate(prompts)}
+            try:
+                for f in as_completed(futures):
+                    yield futures[f], f.result()
+            finally:
+                for f in futures:
+                    f.cancel()
+
+    def generate(self, prompts: list[list[int]], n: int, **kwargs) -> list[list[Completion]]:
+        """n samples for each prompt, in prompt order."""
+        out = dict(self.generate_iter(prompts, n, **kwargs))
+        return [out[i] for i in range(len(prompts))]
 
     def _rpc_all(self, method: str, *args: str) -> list:
         return [self._post(url, "/collective_rpc", {"method": method, "args": list(args)})["results"]
@@ -158,7 +201,11 @@ class ServerPool:
     def load_weights(self, named_tensors) -> SyncStats:
         """Every server loads every bucket in place; then their prefix caches are dropped."""
         start = time.perf_counter()
-        stats = sync_in_buckets(named_tensors, self.rollout.weight_sync_bucket_mb * 2**20, self._push)
+        if self.transfer is not None:
+            stats = SyncStats(buckets=1)
+            stats.num_tensors, stats.num_bytes = self.transfer.send(named_tensors)
+        else:
+            stats = sync_in_buckets(named_tensors, self.rollout.weight_sync_bucket_mb * 2**20, self._push)
         for url in self.alive:
             self._post(url, "/reset_prefix_cache", {})
         stats.seconds = time.perf_counter() - start
@@ -178,4 +225,8 @@ class ServerPool:
         return [r[0] for r in self._rpc_all("gift_checksum")]
 
     def close(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
+        for server in self.owned_servers:
+            server.stop()
         shutil.rmtree(self.sync_dir, ignore_errors=True)

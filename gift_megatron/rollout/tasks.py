@@ -12,6 +12,28 @@ import torch
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One prompt as the trainer sees it."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]  # the reference answer's tokens (exact reward, supervised warm-up)
+    answer: str  # the reference answer's text (math_verify)
+    prompt: str  # the prompt's text (a reward model scores prompt + completion)
+
+
+@dataclass
+class TaskData:
+    train: list[Sample]
+    eval: list[Sample]
+    eos_id: int
+    pad_id: int
+    tokenizer: object
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i != self.eos_id], skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
 class Problem:
     prompt: str  # "47+38="
     answer: str  # "85"

@@ -1,0 +1,78 @@
+"""One vLLM OpenAI server for a run, as Slurm starts them on rollout nodes:
+
+    python -m gift_megatron.rollout.serve --host ADDR --port 8000 [--index I] -- HYDRA_OVERRIDES...
+
+The settings come from the trainer's own Hydra config (the same overrides): model architecture,
+dtype, rollout.* (TP, memory, weight_sync backend). Without `rollout.server_model_dir` the server
+starts with dummy weights of the model's architecture (a config.json written from the model preset)
+and the trainer syncs its weights in before the first generation, so no server reads a checkpoint
+from disk. The process becomes the vLLM server (exec), so Slurm's signals reach it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from gift_megatron.config import Config
+
+
+def special_tokens(cfg: Config) -> dict[str, int]:
+    if cfg.data.name == "addition":
+        from gift_megatron.rollout.tokenizer import BOS, EOS, PAD
+
+        return {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return {"bos_token_id": bos, "eos_token_id": tok.eos_token_id, "pad_token_id": pad}
+
+
+def architecture_folder(cfg: Config, folder: Path) -> Path:
+    """config.json of the policy's architecture (written atomically: servers may share the folder)."""
+    from gift_megatron.convert.hf_config import hf_config_from_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".config.json.{os.getpid()}"
+    tmp.write_text(json.dumps({**hf_config_from_model(cfg.model), **special_tokens(cfg)}))
+    tmp.replace(folder / "config.json")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=None, help="address to bind (default rollout.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0, help="this server's index (its seed offset)")
+    parser.add_argument("overrides", nargs="*", help="the trainer's Hydra overrides")
+    args = parser.parse_args(argv)
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from gift_megatron.config import register_configs, to_config
+    from gift_megatron.rollout.servers import server_command
+    from gift_megatron.rollout.weight_transfer import backend_for
+    from gift_megatron.train import CONF
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = to_config(compose("config", overrides=args.overrides))
+    r, on_gpu = cfg.rollout, cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if r.server_model_dir:
+        model_dir, load_format = r.server_model_dir, "auto"
+    else:
+        model_dir, load_format = architecture_folder(cfg, Path(cfg.run_dir) / "server_model"), "dummy"
+    cmd, env = server_command(model_dir, args.host or r.host, args.port, r, seed=cfg.seed + args.index,
+                              max_model_len=cfg.model.max_position_embeddings, dtype=cfg.model.params_dtype,
+                              transfer_backend=backend_for(r.weight_sync, on_gpu), load_format=load_format)
+    print("gift serve:", " ".join(cmd), flush=True)
+    os.execvpe(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    main()
