@@ -19,7 +19,7 @@ import torch
 
 from gift_megatron.algo import build_loss, group_advantages
 from gift_megatron.algo.layout import dp_sample_indices
-from gift_megatron.config import AlgoConfig, Config, DataConfig, ModelConfig, ParallelConfig
+from gift_megatron.config import AlgoConfig, Config, DataConfig, ModelConfig, ParallelConfig, RolloutConfig
 from gift_megatron.launch import run_distributed
 
 VOCAB = 4096
@@ -42,7 +42,8 @@ def _config(world, tp, pp, vpp, nmb, prompts, group_size) -> Config:
         parallel=ParallelConfig(world_size=world, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp,
                                 micro_batch_size=prompts * group_size // dp // nmb),
-        algo=AlgoConfig(group_size=group_size), data=DataConfig(num_prompts_per_step=prompts), device="cpu")
+        algo=AlgoConfig(group_size=group_size), data=DataConfig(num_prompts_per_step=prompts),
+        rollout=RolloutConfig(engine="vllm_server"), device="cpu")
 
 
 def _worker(rank, world, tp, pp, vpp, nmb, prompts, group_size, seq, steps):

@@ -8,6 +8,7 @@ servers, started here on this machine or given by URL (Slurm starts them on thei
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from gift_megatron.megatron.checkpoint import load_model_weights, save_model_wei
 from gift_megatron.megatron.conversion import write_preset
 from gift_megatron.megatron.model import build_gpt_models
 from gift_megatron.megatron.parallel import init_distributed, init_model_parallel
-from gift_megatron.megatron.policy import build_policy, build_reference, copy_weights
+from gift_megatron.megatron.policy import build_policy, build_reference, copy_weights, move_chunks
 from gift_megatron.megatron.warmup import pad_sequences, supervised_warmup
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.rollout.data import PromptSampler, load_prompts
@@ -134,12 +135,16 @@ def init_weights(cfg: Config, run_dir: Path, task: TaskData | None, on_gpu: bool
         return Path(cfg.model.init_checkpoint)
     if cfg.data.warmup_max_steps == 0:
         return None
-    path = warmup_cache_path(cfg, run_dir.parent / ".warmup_cache")
-    if dist.get_rank() == 0 and not (path / "metadata.json").exists():
-        if dist.get_world_size() == 1:
-            train_warmup(cfg, task, path, on_gpu)
-        else:
-            _warmup_in_subprocess(run_dir, path)
+    path = warmup_cache_path(cfg, Path(cfg.data.warmup_cache_dir or run_dir.parent / ".warmup_cache"))
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f"{path.name}.lock", "w") as lock:  # concurrent runs (sweeps) train it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "metadata.json").exists():
+                if dist.get_world_size() == 1:
+                    train_warmup(cfg, task, path, on_gpu)
+                else:
+                    _warmup_in_subprocess(run_dir, path)
     dist.barrier()
     log.info("initial weights: %s", path)
     return path
@@ -212,6 +217,8 @@ def build(cfg: Config) -> Components:
     if cfg.algo.needs_reference:
         reference = build_reference(cfg, on_gpu=on_gpu)
         copy_weights(policy.chunks, reference)
+        if cfg.parallel.offload_reference:
+            move_chunks(reference, "cpu")
     weights = gather_hf_weights(policy.chunks, cfg.model)  # a collective: every rank takes part
     engine = scorer = writer = None
     if rank0:

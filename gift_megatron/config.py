@@ -64,6 +64,8 @@ class ModelConfig:
     """None | hybrid | e4m3: FP8 through Transformer Engine."""
     fp8_recipe: str = "delayed"
     """delayed | tensorwise (per-tensor current scaling)."""
+    recompute: str | None = None
+    """None | selective | full: activation recomputation (full: one layer at a time, for long responses)."""
     hf_path: str | None = None
     """Hugging Face folder of the model's config.json and tokenizer."""
     init_checkpoint: str | None = None
@@ -72,6 +74,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of("model", "arch", self.arch, ("llama", "qwen2", "qwen3"))
         _one_of("model", "params_dtype", self.params_dtype, ("float32", "bfloat16", "float16"))
+        _one_of("model", "recompute", self.recompute, (None, "selective", "full"))
         _one_of("model", "transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
         _one_of("model", "fp8", self.fp8, (None, "hybrid", "e4m3"))
         _one_of("model", "fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise"))
@@ -247,6 +250,8 @@ class DataConfig:
     """Supervised warm-up (prompt -> answer_field + EOS) until this held-out exact accuracy, cached per
     config; skipped when model.init_checkpoint is set. warmup_max_steps=0 skips it too."""
     warmup_max_steps: int = 400
+    warmup_cache_dir: str | None = None
+    """Where warmed-up weights are cached (keyed by config); default: .warmup_cache beside run_dir."""
     warmup_lr: float = 1e-3
     warmup_batch_size: int = 128
 
@@ -382,6 +387,9 @@ def _check_rollout(cfg: Config) -> None:
                              f"on CPU: use one of {list(VLLM_CPU_HEAD_SIZES)}")
         if cfg.rollout.tensor_parallel_size != 1:
             raise ValueError("rollout.tensor_parallel_size must be 1 on CPU: vLLM-CPU runs one engine process")
+        if cfg.parallel.offload_reference:
+            raise ValueError("parallel.offload_reference moves the reference between GPU and host: it needs a "
+                             "GPU; set it to false on CPU (the reference is in host memory already)")
         if cfg.rollout.weight_sync == "nccl":
             raise ValueError("rollout.weight_sync=nccl needs GPUs: use gloo (same transfer API) or files on CPU")
         if cfg.model.fp8:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gift_megatron.config import register_configs, to_config
 
 log = logging.getLogger(__name__)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; rerun to resume
 register_configs()
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works for the console script too
 
@@ -23,10 +27,13 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works for 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(dict_cfg: DictConfig) -> dict:
     from gift_megatron.build import build
-    from gift_megatron.trainer import StopFlag, close, maybe_resume, run
+    from gift_megatron.trainer import Preempted, StopFlag, close, maybe_resume, run
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm's warning before the time limit
         signal.signal(sig, StopFlag.request)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
+        dict_cfg.run_dir = hc.runtime.output_dir  # each sweep job its own run folder
     cfg = to_config(dict_cfg)
     for noisy in ("megatron", "vllm"):  # their INFO lines (parameter lists, kernel notes) drown the progress bar
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -34,6 +41,9 @@ def main(dict_cfg: DictConfig) -> dict:
     try:
         maybe_resume(components)
         summary = run(components)
+    except Preempted as stop:
+        log.warning("%s: checkpoint saved; exiting with %d so the job can be requeued", stop, EXIT_PREEMPTED)
+        sys.exit(EXIT_PREEMPTED)
     finally:
         close(components)
     log.info("done: %s", summary)

@@ -26,6 +26,7 @@ from gift_megatron.algo.advantages import nonconstant_groups
 from gift_megatron.algo.layout import dp_sample_indices
 from gift_megatron.config import Config
 from gift_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gift_megatron.megatron.policy import move_chunks
 from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.rollout.batch import build_step_batch
@@ -189,7 +190,11 @@ def train_step(c: Components) -> dict[str, float]:
         batch.old_logp_BT = old
     t1 = time.perf_counter()
     if cfg.algo.needs_reference:
+        if cfg.parallel.offload_reference:  # GPU only (validated): host memory between its passes
+            move_chunks(c.reference, "cuda")
         batch.ref_logp_BT = _logprobs(c, c.reference, batch)
+        if cfg.parallel.offload_reference:
+            move_chunks(c.reference, "cpu")
     t2 = time.perf_counter()
     steps = train_rollout_batch(c.policy, build_loss(cfg.algo), batch, num_mini_batches=cfg.algo.num_mini_batches,
                                 micro_batch_size=cfg.parallel.micro_batch_size, temperature=cfg.rollout.temperature,
@@ -245,7 +250,8 @@ def maybe_resume(c: Components) -> bool:
     c.sampler.load_state_dict(state["sampler"])
     c.step = int(state["step"])
     sync_weights(c)
-    log.info("resumed from %s (step %d)", found, c.step)
+    if c.rank0:
+        log.info("resumed from %s (step %d)", found, c.step)
     return True
 
 
@@ -279,7 +285,8 @@ def run(c: Components) -> dict[str, float]:
             if saved:
                 save(c)
             if _stop_requested():
-                log.warning("stop signal: checkpoint at step %d, leaving", c.step)
+                if c.rank0:
+                    log.warning("stop signal: checkpoint at step %d, leaving", c.step)
                 if not saved:
                     save(c)
                 raise Preempted(f"stop signal at step {c.step}")

@@ -7,7 +7,15 @@ import torch.distributed as dist
 
 from gift_megatron.algo import build_loss, group_advantages  # noqa: F401  (build_loss: used by tests)
 from gift_megatron.algo.layout import dp_sample_indices
-from gift_megatron.config import AlgoConfig, Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig
+from gift_megatron.config import (
+    AlgoConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RolloutConfig,
+)
 
 P, G, S, V = 4, 4, 12, 64
 PROMPT_LEN = 4
@@ -32,7 +40,7 @@ def make_config(world, tp=1, pp=1, vpp=None, num_micro_batches=1, algo="gift", m
                                 virtual_pipeline_model_parallel_size=vpp,
                                 micro_batch_size=P * G // dp // num_micro_batches),
         algo=algo_cfg, data=DataConfig(num_prompts_per_step=P), optim=OptimConfig(lr=lr, clip_grad=1.0),
-        device="cpu",
+        rollout=RolloutConfig(engine="vllm_server"), device="cpu",  # (several trainer ranks need servers)
     )
 
 

@@ -35,7 +35,7 @@ def test_default_config():
 
 
 def test_every_group_option_is_listed():
-    assert set(GROUPS) == {"algo", "data", "experiment", "model", "optim", "parallel", "rollout"}
+    assert set(GROUPS) == {"algo", "data", "experiment", "hydra", "model", "optim", "parallel", "rollout"}
     assert {"gift", "grpo", "dapo", "gspo"} <= {name for g, name in OPTIONS if g == "algo"}
     assert {"tiny_llama", "qwen2.5_7b", "qwen2.5_32b", "llama3.1_8b"} <= {n for g, n in OPTIONS if g == "model"}
 
@@ -107,6 +107,11 @@ ERRORS = [
     (["data.name=jsonl", "data.path=/p.jsonl"], "data.name=jsonl needs data.tokenizer=/path/to/hf_tokenizer_folder"),
     (["data.warmup_max_steps=-1"], "data.warmup_max_steps=-1 must be >= 0"),
     (["parallel=tp2"], "parallel.world_size=2 with the in-process vLLM engine"),
+    (["parallel.offload_reference=true", "device=cpu"], "parallel.offload_reference moves the reference"),
+    (["rollout.weight_sync=nccl", "device=cpu"], "rollout.weight_sync=nccl needs GPUs"),
+    (["rollout=vllm_servers", "rollout.weight_sync=gloo", "rollout.on_server_failure=failover"],
+     "rollout.weight_sync=gloo puts every server in one process group"),
+    (["model.recompute=some"], "model.recompute='some' is not supported"),
     (["reward.terms=[{kind:bleu}]"], "reward.terms[].kind='bleu' is not supported"),
     (["reward.terms=[{kind:reward_model}]"], "kind=reward_model needs path=/path/to/hf_reward_model"),
     (["reward.num_workers=0"], "reward.num_workers=0 must be > 0"),

@@ -105,14 +105,15 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(converted):
 
 def _training_ckpt_worker(rank, world, out, ckpt_root):
     """A training checkpoint (policy + distributed optimizer) written at TP = 2."""
-    from gift_megatron.config import Config, DataConfig, ParallelConfig
+    from gift_megatron.config import Config, DataConfig, ParallelConfig, RolloutConfig
     from gift_megatron.megatron.checkpoint import load_model_weights, save_checkpoint
     from gift_megatron.megatron.conversion import read_preset
     from gift_megatron.megatron.parallel import init_model_parallel
     from gift_megatron.megatron.policy import build_policy
 
     cfg = Config(model=read_preset(f"{out}/model.yaml"), data=DataConfig(num_prompts_per_step=8),
-                 parallel=ParallelConfig(world_size=2, tensor_model_parallel_size=2), device="cpu")
+                 parallel=ParallelConfig(world_size=2, tensor_model_parallel_size=2), device="cpu",
+                 rollout=RolloutConfig(engine="vllm_server"))
     init_model_parallel(cfg.parallel, seed=5, on_gpu=False)
     policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=10)
     load_model_weights(f"{out}/weights", policy.chunks)

@@ -267,3 +267,15 @@ def test_lr_warmup_then_cosine_decay():
     cosine = lambda k: 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (k - 2) / 98))  # noqa: E731
     assert lrs[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])
     assert lrs[3:] == pytest.approx([cosine(3), cosine(4)], rel=1e-6)
+
+
+@pytest.mark.parametrize("recompute,layout", [("full", "pp2_1f1b_mb2"), ("selective", "tp2")])
+def test_activation_recompute_gives_the_same_step(recompute, layout, init_ckpt, baseline):
+    """model.recompute (what long responses need on GPUs): the same loss, grad norm and update."""
+    world, tp, pp, vpp, nmb = LAYOUTS[layout]
+    for res in run_distributed(_invariance_worker, world, tp, pp, vpp, nmb, init_ckpt, {"recompute": recompute}):
+        for algo in ("gift", "grpo"):
+            got, want = res[algo], baseline[algo]
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), algo
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), algo
+            torch.testing.assert_close(got["logp_after"], want["logp_after"], rtol=0, atol=1e-4)

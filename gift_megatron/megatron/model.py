@@ -64,6 +64,11 @@ def transformer_config(
         fp8 = {"fp8": model.fp8, "fp8_recipe": model.fp8_recipe, "fp8_margin": 0,
                "fp8_amax_history_len": 1024 if model.fp8_recipe == "delayed" else 1,
                "fp8_amax_compute_algo": "max" if model.fp8_recipe == "delayed" else "most_recent"}
+    recompute = {}
+    if model.recompute == "full":  # keep each layer's input only; recompute the layer in backward
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    elif model.recompute == "selective":  # recompute attention's core (no stored scores)
+        recompute = {"recompute_granularity": "selective"}
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -108,6 +113,7 @@ def transformer_config(
         overlap_p2p_comm=parallel.virtual_pipeline_model_parallel_size is not None,
         batch_p2p_comm=parallel.virtual_pipeline_model_parallel_size is None,
         **fp8,
+        **recompute,
     )
 
 

@@ -81,8 +81,13 @@ def init_distributed(parallel: ParallelConfig, on_gpu: bool) -> RankInfo:
         if info.world_size > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
             raise ValueError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
                              "(torchrun sets them; under Slurm export them from the first node's address)")
+        if info.world_size == 1 and "MASTER_PORT" not in os.environ:  # a free port: runs may share a machine
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group("nccl" if on_gpu else "gloo", rank=info.rank, world_size=info.world_size)
     return info
 
