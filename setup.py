@@ -18,6 +18,7 @@ setup(
         "sentencepiece>=0.2",
         "hydra-core>=1.3.2,<1.4",
         "omegaconf>=2.3,<2.4",
+        "hydra-submitit-launcher>=1.2",  # sweeps as Slurm job arrays (hydra/launcher=gift_slurm)
         "mpi4py>=4.0",
         "mpich>=4.0",  # an MPI for mpi4py without apt (use `srun --mpi=pmi2`)
         "safetensors>=0.4",
