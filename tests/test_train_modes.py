@@ -103,3 +103,18 @@ def test_jsonl_prompts_with_composed_rewards(tmp_path):
         assert 0 < r["reward_math_verify"] < 1 and r["reward_reward_model"] != 0
         assert r["logprob_diff_max"] < 1e-3
     assert rows[0]["eval_accuracy"] > 0.02  # the warm-up on the file's answers worked
+
+
+def test_hydra_multirun_locally_gives_each_run_its_folder(tmp_path):
+    """`gift-train -m algo=gift,grpo ...` with Hydra's basic launcher: one run after the other, each
+    in its own folder under the sweep folder (no "," or "=" in paths), both training."""
+    proc = subprocess.run([sys.executable, "-m", "gift_megatron.train", "-m", "algo=gift,grpo", "num_steps=1",
+                           "eval_every=1", "save_every=1", f"hydra.sweep.dir={tmp_path}/sweep",
+                           f"data.warmup_cache_dir={tmp_path}/.warmup_cache"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for num, algo in enumerate(["gift", "grpo"]):
+        run_dir = tmp_path / "sweep" / f"{num}_algo-{algo}_eval_every-1_num_steps-1_save_every-1"
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [0, 1] and "reward" in rows[1]
+        assert (run_dir / "config.yaml").read_text().count(f"name: {algo}") == 1
