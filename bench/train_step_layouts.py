@@ -33,7 +33,7 @@ LAYOUTS = {  # name: (world, TP, PP, virtual PP, micro-batches)
 }
 
 
-def _config(world, tp, pp, vpp, nmb, prompts, group_size) -> Config:
+def _config(world, tp, pp, vpp, nmb, prompts, group_size, algo="gift") -> Config:
     dp = world // (tp * pp)
     return Config(
         model=ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4,
@@ -42,7 +42,7 @@ def _config(world, tp, pp, vpp, nmb, prompts, group_size) -> Config:
         parallel=ParallelConfig(world_size=world, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp,
                                 micro_batch_size=prompts * group_size // dp // nmb),
-        algo=AlgoConfig(group_size=group_size), data=DataConfig(num_prompts_per_step=prompts),
+        algo=AlgoConfig(name=algo, group_size=group_size), data=DataConfig(num_prompts_per_step=prompts),
         rollout=RolloutConfig(engine="vllm_server"), device="cpu")
 
 

@@ -272,10 +272,14 @@ def run(c: Components) -> dict[str, float]:
     bar = tqdm(total=cfg.num_steps, initial=c.step, desc=f"{cfg.algo.name}", unit="step", disable=not c.rank0)
     try:
         while c.step < cfg.num_steps:
+            start = time.perf_counter()
             metrics = train_step(c)
+            metrics["time_step"] = time.perf_counter() - start  # generate .. sync, all phases
             c.step += 1
             if c.rank0 and (c.step % cfg.eval_every == 0 or c.step == cfg.num_steps):
+                start = time.perf_counter()
                 metrics.update(evaluate(c))
+                metrics["time_eval"] = time.perf_counter() - start
             _log(c, metrics)
             bar.update(1)
             if c.rank0:
