@@ -16,29 +16,24 @@ import statistics
 import time
 
 import torch
-from train_step_layouts import VOCAB, _config
+from train_step_layouts import VOCAB, _config, synthetic_batch
 
-from gift_megatron.algo import build_loss, group_advantages
+from gift_megatron.algo import build_loss
 from gift_megatron.launch import run_distributed
 
 
 def _worker(rank, world, prompts, group_size, seq, steps):
     from gift_megatron.megatron.parallel import init_model_parallel
     from gift_megatron.megatron.policy import build_policy
-    from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs, train_mini_batch
+    from gift_megatron.megatron.train_step import compute_logprobs, train_mini_batch
 
     out = {}
     for algo in ("grpo", "gift"):
         cfg = _config(1, 1, 1, None, 1, prompts, group_size, algo=algo)
         init_model_parallel(cfg.parallel, 0, on_gpu=False)
         policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=100)
-        n = prompts * group_size
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, VOCAB, (n, seq), generator=g)
-        resp = (torch.arange(seq)[None] >= seq // 4).float().expand(n, -1)
-        rewards = torch.randint(0, 2, (n,), generator=g).float()
-        adv = group_advantages(rewards, torch.arange(prompts).repeat_interleave(group_size), prompts)
-        batch = RolloutBatch(tokens, resp, rewards, adv, group_size)
+        batch = synthetic_batch(prompts, group_size, seq)
+        g = torch.Generator().manual_seed(1)
         mb = cfg.parallel.micro_batch_size
         passes, trains = [], []
         loss_fn = build_loss(cfg.algo)

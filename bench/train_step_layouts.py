@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -46,26 +47,35 @@ def _config(world, tp, pp, vpp, nmb, prompts, group_size, algo="gift") -> Config
         rollout=RolloutConfig(engine="vllm_server"), device="cpu")
 
 
-def _worker(rank, world, tp, pp, vpp, nmb, prompts, group_size, seq, steps):
-    from megatron.core import parallel_state as ps
+def synthetic_batch(prompts: int, group_size: int, seq: int):
+    """P x G random sequences (the last 3/4 of each is the response) with 0/1 rewards and GRPO advantages."""
+    from gift_megatron.megatron.train_step import RolloutBatch
 
-    from gift_megatron.megatron.parallel import init_model_parallel
-    from gift_megatron.megatron.policy import build_policy
-    from gift_megatron.megatron.train_step import RolloutBatch, train_mini_batch
-
-    cfg = _config(world, tp, pp, vpp, nmb, prompts, group_size)
-    init_model_parallel(cfg.parallel, 0, on_gpu=False)
-    policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=100)
     n = prompts * group_size
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (n, seq), generator=g)
     resp = (torch.arange(seq)[None] >= seq // 4).float().expand(n, -1)
     rewards = torch.randint(0, 2, (n,), generator=g).float()
     adv = group_advantages(rewards, torch.arange(prompts).repeat_interleave(group_size), prompts)
-    ref = torch.randn(n, seq - 1, generator=g) * 0.1 - 8.0
-    idx = dp_sample_indices(prompts, group_size, ps.get_data_parallel_rank(), cfg.parallel.data_parallel_size)
-    batch = RolloutBatch(tokens[idx], resp[idx], rewards[idx], adv[idx], group_size // cfg.parallel.data_parallel_size,
-                         ref_logp_BT=ref[idx])
+    return RolloutBatch(tokens, resp, rewards, adv, group_size)
+
+
+def _worker(rank, world, tp, pp, vpp, nmb, prompts, group_size, seq, steps):
+    from megatron.core import parallel_state as ps
+
+    from gift_megatron.megatron.parallel import init_model_parallel
+    from gift_megatron.megatron.policy import build_policy
+    from gift_megatron.megatron.train_step import train_mini_batch
+
+    cfg = _config(world, tp, pp, vpp, nmb, prompts, group_size)
+    init_model_parallel(cfg.parallel, 0, on_gpu=False)
+    policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=100)
+    batch = synthetic_batch(prompts, group_size, seq)
+    g = torch.Generator().manual_seed(1)
+    batch.ref_logp_BT = torch.randn(batch.tokens_BS.shape[0], seq - 1, generator=g) * 0.1 - 8.0
+    dp = cfg.parallel.data_parallel_size
+    batch = replace(batch.select(dp_sample_indices(prompts, group_size, ps.get_data_parallel_rank(), dp)),
+                    samples_per_prompt=group_size // dp)
     loss_fn = build_loss(cfg.algo)
     times = []
     for _ in range(steps + 1):
