@@ -140,10 +140,24 @@ def _reduce_metrics(per_micro_batch: list[dict]) -> dict[str, float]:
     # loss: shares of the global loss, summed over micro-batches and DP; the rest are averages.
     result = {k: float(summed[i] / (1.0 if k == "loss" else counts[i])) for i, k in enumerate(keys)}
     # Only the last stage has them: broadcast along the pipeline.
-    box = [result]
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
-    return box[0]
+    return _broadcast_metrics(result, parallel_state.get_pipeline_model_parallel_last_rank(),
+                              parallel_state.get_pipeline_model_parallel_group())
+
+
+def _broadcast_metrics(metrics: dict[str, float], src: int, group) -> dict[str, float]:
+    """A name -> float dict from global rank `src` to the group, as tensors (names as bytes; no pickling)."""
+    if dist.get_world_size(group) == 1:
+        return metrics
+    mine = dist.get_rank() == src
+    names = torch.tensor(list("\n".join(metrics).encode()) if mine else [], dtype=torch.uint8)
+    sizes = torch.tensor([names.numel(), len(metrics)] if mine else [0, 0], dtype=torch.int64)
+    dist.broadcast(sizes, src, group=group)
+    names = names if mine else torch.empty(int(sizes[0]), dtype=torch.uint8)
+    values = torch.tensor(list(metrics.values()) if mine else [0.0] * int(sizes[1]), dtype=torch.float64)
+    dist.broadcast(names, src, group=group)
+    dist.broadcast(values, src, group=group)
+    keys = bytes(names.tolist()).decode().split("\n") if int(sizes[1]) else []
+    return dict(zip(keys, values.tolist()))
 
 
 def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: int, temperature: float,
