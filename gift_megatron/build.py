@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from omegaconf import OmegaConf
 from gift_megatron.config import Config, ParallelConfig
 from gift_megatron.convert.hf_config import hf_config_from_model
 from gift_megatron.convert.safetensors_io import HFWriter
+from gift_megatron.launch import free_port
 from gift_megatron.megatron.checkpoint import load_model_weights, save_model_weights
 from gift_megatron.megatron.conversion import write_preset
 from gift_megatron.megatron.model import build_gpt_models
@@ -113,18 +113,12 @@ def train_warmup(cfg: Config, task: TaskData, path: Path, on_gpu: bool) -> None:
     (path.parent / f"{path.name}.json").write_text(json.dumps(stats))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _warmup_in_subprocess(run_dir: Path, path: Path) -> None:
     """A multi-rank run's warm-up: one process of its own (its own one-rank world), while the ranks wait."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID",
                                                               "SLURM_NTASKS", "SLURM_LOCALID", "PMI_RANK",
                                                               "PMI_SIZE", "OMPI_COMM_WORLD_RANK")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     subprocess.run([sys.executable, "-m", "gift_megatron.build", str(run_dir / "config.yaml"), str(path)], env=env,
                    check=True)
 
@@ -150,20 +144,27 @@ def init_weights(cfg: Config, run_dir: Path, task: TaskData | None, on_gpu: bool
     return path
 
 
-def write_hf_folder(hf_dir: Path, cfg: Config, weights, task: TaskData) -> None:
-    """The current policy as an HF folder (config, safetensors, tokenizer): what vLLM starts from."""
-    writer = HFWriter(hf_dir)
+def write_hf_folder(hf_dir: Path, cfg: Config, weights, task: TaskData, *, with_weights: bool):
+    """The current policy as an HF folder (config, tokenizer and, `with_weights`, safetensors): what
+    vLLM starts from. Streams `weights` either way; returns their (name, dtype, shape) in order."""
+    meta = []
+    writer = HFWriter(hf_dir) if with_weights else None
     for name, tensor in weights:
-        writer.add(name, tensor)
-    writer.close()
+        meta.append((name, tensor.dtype, tuple(tensor.shape)))
+        if writer is not None:
+            writer.add(name, tensor)
+    if writer is not None:
+        writer.close()
+    hf_dir.mkdir(parents=True, exist_ok=True)
     tok = task.tokenizer
     bos = tok.bos_token_id if tok.bos_token_id is not None else task.eos_id
     (hf_dir / "config.json").write_text(json.dumps({**hf_config_from_model(cfg.model), "eos_token_id": task.eos_id,
                                                     "bos_token_id": bos, "pad_token_id": task.pad_id}))
     tok.save_pretrained(str(hf_dir))
+    return meta
 
 
-def _engine(cfg: Config, hf_dir: Path, task: TaskData, run_dir: Path):
+def _engine(cfg: Config, hf_dir: Path, task: TaskData, run_dir: Path, meta: list):
     if cfg.rollout.engine == "vllm":
         from gift_megatron.rollout.engine import LocalEngine
 
@@ -185,8 +186,8 @@ def _engine(cfg: Config, hf_dir: Path, task: TaskData, run_dir: Path):
         transfer = None
         if backend:  # servers given by URL must have been started with --weight-transfer-config (slurm/)
             address = r.weight_transfer_address or os.environ.get("MASTER_ADDR", "127.0.0.1")
-            transfer = WeightTransfer(backend, urls, [r.tensor_parallel_size] * len(urls), master_address=address,
-                                      master_port=_free_port(), timeout_s=r.request_timeout_s)
+            transfer = WeightTransfer(backend, urls, [r.tensor_parallel_size] * len(urls), meta,
+                                      master_address=address, master_port=free_port(), timeout_s=r.request_timeout_s)
         pool = ServerPool(urls, r, stop_token_ids=[task.eos_id], sync_dir=run_dir / ".weight_sync",
                           owned_servers=servers, transfer=transfer)
         if r.server_urls:
@@ -222,8 +223,9 @@ def build(cfg: Config) -> Components:
     weights = gather_hf_weights(policy.chunks, cfg.model)  # a collective: every rank takes part
     engine = scorer = writer = None
     if rank0:
-        write_hf_folder(run_dir / "hf_policy", cfg, weights, task)
-        engine = _engine(cfg, run_dir / "hf_policy", task, run_dir)
+        # Servers given by URL start from their own weights and get ours by sync: write no copy for them.
+        meta = write_hf_folder(run_dir / "hf_policy", cfg, weights, task, with_weights=not cfg.rollout.server_urls)
+        engine = _engine(cfg, run_dir / "hf_policy", task, run_dir, meta)
         reward = build_reward(cfg.reward, task=cfg.data.name, eos_id=task.eos_id, decode=task.decode)
         scorer = GroupScorer(reward, cfg.reward.num_workers)
         from torch.utils.tensorboard import SummaryWriter

@@ -213,9 +213,12 @@ def evaluate(c: Components) -> dict[str, float]:
     """Held-out accuracy (the task's check) and reward with greedy decoding (rank 0)."""
     samples = c.task.eval
     groups = c.engine.generate([s.prompt_ids for s in samples], 1, temperature=0.0)
-    _, totals, _ = c.scorer.score_all(enumerate(groups), samples)
-    hits = [float(c.scorer.reward.accuracy(g, s)[0]) for g, s in zip(groups, samples)]
-    return {"eval_accuracy": sum(hits) / len(hits), "eval_reward": float(totals.mean())}
+    _, totals, parts = c.scorer.score_all(enumerate(groups), samples)
+    reward = c.scorer.reward
+    hits = parts.get(reward.accuracy_kind)  # already scored when the check is one of the terms
+    if hits is None:
+        hits = torch.cat([reward.accuracy(g, s) for g, s in zip(groups, samples)])
+    return {"eval_accuracy": float(hits.float().mean()), "eval_reward": float(totals.mean())}
 
 
 def _log(c: Components, metrics: dict) -> None:

@@ -1,20 +1,12 @@
 """Two real vLLM OpenAI servers on 127.0.0.1: generate, sync weights from a TP=2 policy, lose a server."""
 
-import socket
-
 import pytest
 import torch
 
 from gift_megatron.config import RolloutConfig
-from gift_megatron.launch import run_distributed
+from gift_megatron.launch import free_port, run_distributed
 from gift_megatron.rollout.servers import ServerError, ServerPool, VLLMServer, wait_all_ready
 from tests.test_rollout_engine import MAX_NEW, PROMPTS, G, _flatten, _gather_worker, _score_worker, _write_random_hf
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +14,7 @@ def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("servers")
     _write_random_hf(root / "hf", seed=3)
     rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=1, request_timeout_s=60)
-    started = [VLLMServer(root / "hf", _free_port(), rollout, seed=0, max_model_len=32, log_dir=root)
+    started = [VLLMServer(root / "hf", free_port(), rollout, seed=0, max_model_len=32, log_dir=root)
                for _ in range(2)]
     try:
         wait_all_ready(started, timeout_s=240)
@@ -67,7 +59,7 @@ def test_a_dead_server_is_named_or_failed_over(servers):
 
 def test_a_server_that_cannot_start_is_named(tmp_path):
     (tmp_path / "hf").mkdir()  # no config.json: vLLM exits at once
-    server = VLLMServer(tmp_path / "hf", _free_port(), RolloutConfig(), seed=0, max_model_len=32, log_dir=tmp_path)
+    server = VLLMServer(tmp_path / "hf", free_port(), RolloutConfig(), seed=0, max_model_len=32, log_dir=tmp_path)
     try:
         with pytest.raises(ServerError, match="exited with code .* while starting; log"):
             server.wait_ready(timeout_s=120)
@@ -82,7 +74,7 @@ def test_weight_transfer_layout_and_metadata_contract():
 
     from gift_megatron.rollout.weight_transfer import WeightTransfer, _RoundSource
 
-    wt = WeightTransfer("nccl", ["http://a:1", "http://b:2", "http://c:3"], [4, 4, 2], master_address="10.0.0.1",
+    wt = WeightTransfer("nccl", ["http://a:1", "http://b:2", "http://c:3"], [4, 4, 2], [], master_address="10.0.0.1",
                         master_port=29600, timeout_s=5)
     assert wt.client.offsets == [1, 5, 9] and wt.world_size == 11
     source = _RoundSource([ParamMeta("w", torch.float32, (2, 3)), ParamMeta("b", torch.float32, (3,))])

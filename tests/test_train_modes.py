@@ -6,30 +6,25 @@ Every run here is the real CLI in a subprocess with real vLLM servers on 127.0.0
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from gift_megatron.launch import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["num_steps=3", "eval_every=3", "save_every=3", "rollout=vllm_servers", "rollout.num_servers=1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1) -> list[dict]:
     launcher = [sys.executable, "-m", "gift_megatron.train"]
     if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-                    f"--master-port={_free_port()}", "-m", "gift_megatron.train"]
+                    f"--master-port={free_port()}", "-m", "gift_megatron.train"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([*launcher, f"run_dir={run_dir}", f"rollout.base_port={_free_port()}", *overrides],
+    proc = subprocess.run([*launcher, f"run_dir={run_dir}", f"rollout.base_port={free_port()}", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from gift_megatron.config import ParallelConfig
+from gift_megatron.launch import free_port
 from gift_megatron.megatron import cpu_compat
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,8 @@ def rank_from_mpi() -> RankInfo:
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         buf = bytearray(256)  # "addr port" as raw bytes (no pickling)
         if comm.Get_rank() == 0:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                port = s.getsockname()[1]
             text = (f"{os.environ.get('MASTER_ADDR') or socket.gethostbyname(socket.gethostname())} "
-                    f"{os.environ.get('MASTER_PORT') or port}").encode()
+                    f"{os.environ.get('MASTER_PORT') or free_port()}").encode()
             buf[:len(text)] = text
         comm.Bcast([buf, MPI.BYTE], root=0)
         addr, port = buf.rstrip(b"\0").decode().split()
@@ -82,11 +80,7 @@ def init_distributed(parallel: ParallelConfig, on_gpu: bool) -> RankInfo:
             raise ValueError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
                              "(torchrun sets them; under Slurm export them from the first node's address)")
         if info.world_size == 1 and "MASTER_PORT" not in os.environ:  # a free port: runs may share a machine
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group("nccl" if on_gpu else "gloo", rank=info.rank, world_size=info.world_size)
     return info

@@ -114,10 +114,10 @@ Term = Callable[[list, Sample], torch.Tensor]  # (completions of one group, its 
 class CompositeReward:
     """sum_i weight_i x term_i per group; the per-term values are kept for logging."""
 
-    def __init__(self, terms: list[tuple[str, float, Term]], accuracy: Term) -> None:
+    def __init__(self, terms: list[tuple[str, float, Term]], accuracy: Term, accuracy_kind: str) -> None:
         if not terms:
             raise ValueError("reward.terms is empty after defaults: give at least one term")
-        self.terms, self.accuracy = terms, accuracy
+        self.terms, self.accuracy, self.accuracy_kind = terms, accuracy, accuracy_kind
 
     def score_group(self, completions: list, sample: Sample) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {kind: term(completions, sample).float() for kind, _, term in self.terms}
@@ -151,9 +151,9 @@ def build_reward(cfg: RewardConfig, *, task: str, eos_id: int, decode: Callable[
                 return model.score_batch([sample.prompt + decode(c.token_ids) for c in comps])
         return reward_model
 
-    check = exact if task == "addition" else math
-    terms = cfg.terms or [RewardTermConfig(kind="exact" if task == "addition" else "math_verify")]
-    return CompositeReward([(t.kind, t.weight, make(t)) for t in terms], check)
+    check = "exact" if task == "addition" else "math_verify"
+    terms = cfg.terms or [RewardTermConfig(kind=check)]
+    return CompositeReward([(t.kind, t.weight, make(t)) for t in terms], exact if check == "exact" else math, check)
 
 
 class GroupScorer:

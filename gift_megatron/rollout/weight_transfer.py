@@ -11,8 +11,9 @@ Backends:
   NCCL path uses.
 
 Only global rank 0 of the trainer sends (the others have already sent their shards to it through
-gift_megatron.megatron.weight_sync); names, dtypes and shapes of a round are recorded from the first
-full pass and every later pass is checked against them (vLLM sizes its receive buffers from them).
+gift_megatron.megatron.weight_sync); names, dtypes and shapes of a round are recorded while the
+trainer's start-up gather streams past (gift_megatron.build) and every round is checked against them
+(vLLM sizes its receive buffers from them), so no round has to hold the whole model at once.
 Servers are given rank offsets 1, 1 + workers(server 0), ... in one group.
 """
 
@@ -239,23 +240,25 @@ class _FanOutClient:
 class WeightTransfer:
     """Rank 0's sender: `send(named_tensors)` pushes one full round into every server.
 
-    `workers_per_server[i]` is server i's worker count (its TP x PP); the group has 1 + their sum
-    ranks. The first call records the metadata and opens the group (the servers' /init call)."""
+    `meta`: (name, dtype, shape) of every tensor a round yields, in order. `workers_per_server[i]`
+    is server i's worker count (its TP x PP); the group has 1 + their sum ranks. The first round
+    opens the group (the servers' /init call)."""
 
-    def __init__(self, backend: str, urls: list[str], workers_per_server: list[int], *, master_address: str,
-                 master_port: int, timeout_s: float) -> None:
-        self.backend, self.urls = backend, urls
+    def __init__(self, backend: str, urls: list[str], workers_per_server: list[int],
+                 meta: list[tuple[str, torch.dtype, tuple[int, ...]]], *, master_address: str, master_port: int,
+                 timeout_s: float) -> None:
+        self.backend, self.urls, self.meta = backend, urls, meta
         offsets = [1 + sum(workers_per_server[:i]) for i in range(len(urls))]
         self.client = _FanOutClient(urls, offsets, timeout_s)
         self.world_size = 1 + sum(workers_per_server)
         self.address, self.port, self.timeout_s = master_address, master_port, timeout_s
         self.engine = None
 
-    def _open(self, first: list[tuple[str, torch.Tensor]]) -> None:
+    def _open(self) -> None:
         from vllm.distributed.weight_transfer.base import ParamMeta
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in first]
+        meta = [ParamMeta(name, dtype, tuple(shape)) for name, dtype, shape in self.meta]
         if self.backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
@@ -273,8 +276,7 @@ class WeightTransfer:
     def send(self, named_tensors) -> tuple[int, int]:
         """One full round; returns (tensors, bytes)."""
         if self.engine is None:
-            named_tensors = list(named_tensors)  # the first round also defines the metadata
-            self._open(named_tensors)
+            self._open()
         counted = {"n": 0, "bytes": 0}
 
         def counting():
