@@ -45,7 +45,7 @@ def curves(rows: list[dict]) -> tuple[list[int], list[float], list[float]]:
     return steps, acc, wall
 
 
-def _mean_std(xs: list[float]) -> str:
+def mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 
 
@@ -75,8 +75,8 @@ def main() -> None:
             wall.append(secs[-1])
         hit = [x for x in reach if x is not None]
         reached = f"{statistics.mean(hit):.0f} ({len(hit)}/{len(reach)} seeds)" if hit else f"never (0/{len(reach)})"
-        print(f"{algo} | {_mean_std(start)} | {_mean_std(final)} | {_mean_std(best)} | {reached} | "
-              f"{_mean_std(reward)} | {statistics.mean(wall):.0f}")
+        print(f"{algo} | {mean_std(start)} | {mean_std(final)} | {mean_std(best)} | {reached} | "
+              f"{mean_std(reward)} | {statistics.mean(wall):.0f}")
 
     if "gift" in results:
         rows = [r for seed_rows in results["gift"].values() for r in seed_rows if "time_step" in r]
@@ -108,13 +108,19 @@ def main() -> None:
     axes[1].set_xlabel("wall seconds (train steps + evals)")
     for ax in axes:
         ax.set_ylabel("held-out accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
     fig.suptitle(f"embedded task, mean +- std over {len(a.seeds)} seeds")
+    save_figure(fig, axes, a.out / "convergence.png")
+
+
+def save_figure(fig, axes, path: Path) -> None:
+    """Grid, legends, tight layout, PNG; prints where it went."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    a.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.out / "convergence.png", dpi=110)
-    print(f"plot: {a.out / 'convergence.png'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 1. Weight sync into an in-process vLLM engine (bucketed `collective_rpc` + vLLM's layerwise reload)
    vs a plain memory copy of the same bytes into preallocated tensors (the limit on one machine):
    seconds, GB/s and their ratio, for the tiny model and a ~270M-parameter Llama.
+   Where a sync's time goes inside vLLM is measured by timing vLLM's own reload steps (restoring the
+   layers on the meta device, materialising fresh tensors, the kernels' post-load processing, the
+   copy back into the original storage); the rest is the loaders' copies and the bookkeeping.
 2. Our engine's `generate` (token ids in, Completion objects with log-probs out) vs calling vLLM's
    `LLM.generate` directly with the same prompts and SamplingParams: generated tokens/s, ratio.
 
@@ -43,6 +46,46 @@ def _hf_model(name: str, folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _ReloadTimers:
+    """Wraps vLLM's reload steps (in-process engine: the worker runs in this process) and sums their
+    seconds; restores the originals on exit."""
+
+    def __init__(self) -> None:
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        from vllm.model_executor.model_loader.reload import inplace, layerwise
+
+        self.targets = {
+            "restore on meta": (inplace, "initialize_layerwise_reload"),
+            "materialise": (layerwise, "materialize_layer"),
+            "post-load processing (linear)": (UnquantizedLinearMethod, "process_weights_after_loading"),
+            "post-load processing (embedding)": (UnquantizedEmbeddingMethod, "process_weights_after_loading"),
+            "copy back to kernel storage": (layerwise, "_copy_and_restore_kernel_tensors"),
+            "finalize": (inplace, "finalize_layerwise_reload"),
+        }
+        self.seconds = dict.fromkeys(self.targets, 0.0)
+        self.saved = {}
+
+    def __enter__(self):
+        for key, (owner, attr) in self.targets.items():
+            original = getattr(owner, attr)
+            self.saved[key] = original
+
+            def timed(*args, _f=original, _k=key, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return _f(*args, **kwargs)
+                finally:
+                    self.seconds[_k] += time.perf_counter() - t0
+
+            setattr(owner, attr, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for key, (owner, attr) in self.targets.items():
+            setattr(owner, attr, self.saved[key])
+
+
 def _measure(name: str, repeats: int) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -67,6 +110,9 @@ def _measure(name: str, repeats: int) -> dict:
         for d, (_, t) in zip(dst, tensors):
             d.copy_(t)
         copy.append(time.perf_counter() - t0)
+    with _ReloadTimers() as timers:
+        breakdown_total = engine.load_weights(iter(tensors)).seconds
+    breakdown = dict(timers.seconds, total=breakdown_total)
 
     vocab = MODELS[name][4]
     g = torch.Generator().manual_seed(1)
@@ -85,7 +131,7 @@ def _measure(name: str, repeats: int) -> dict:
     engine.close()
     med = statistics.median
     return {"params": params, "bytes": nbytes, "sync_s": med(sync), "copy_s": med(copy),
-            "ours_tok_s": med(ours), "direct_tok_s": med(direct)}
+            "ours_tok_s": med(ours), "direct_tok_s": med(direct), "breakdown": breakdown}
 
 
 def main() -> None:
@@ -109,6 +155,13 @@ def main() -> None:
         gb = r["bytes"] / 1e9
         print(f"{name} | {r['params'] / 1e6:.1f}M | {r['bytes'] / 1e6:.0f} | {r['sync_s']:.3f} | "
               f"{gb / r['sync_s']:.2f} | {r['copy_s']:.4f} | {gb / r['copy_s']:.2f} | {r['sync_s'] / r['copy_s']:.1f}")
+    print("model | where one sync's seconds go (vLLM's reload steps; the rest: loaders' copies, bookkeeping, RPC)")
+    for name, r in rows.items():
+        b = dict(r["breakdown"])
+        total = b.pop("total")
+        parts = [f"{k} {v:.3f} s ({v / total:.0%})" for k, v in b.items()]
+        rest = total - sum(b.values())
+        print(f"{name} | total {total:.3f} s | " + " | ".join(parts) + f" | rest {rest:.3f} s ({rest / total:.0%})")
     print("model | ours tokens/s | vLLM direct tokens/s | ours/direct")
     for name, r in rows.items():
         print(f"{name} | {r['ours_tok_s']:.0f} | {r['direct_tok_s']:.0f} | {r['ours_tok_s'] / r['direct_tok_s']:.2f}")

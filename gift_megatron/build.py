@@ -174,13 +174,15 @@ def _engine(cfg: Config, hf_dir: Path, task: TaskData, run_dir: Path, meta: list
     from gift_megatron.rollout.weight_transfer import WeightTransfer, backend_for
 
     r, backend = cfg.rollout, backend_for(cfg.rollout.weight_sync, _on_gpu(cfg))
-    servers = []
-    if not r.server_urls:
-        servers = [VLLMServer(hf_dir, r.base_port + i, r, seed=cfg.seed + i, transfer_backend=backend,
-                              dtype=cfg.model.params_dtype,
-                              max_model_len=cfg.model.max_position_embeddings, log_dir=run_dir / "logs")
-                   for i in range(r.num_servers)]
+    servers: list = []
     try:
+        if not r.server_urls:
+            ports: list[int] = []  # free ones from base_port up: a busy port would answer /health for someone else
+            for i in range(r.num_servers):
+                ports.append(free_port(r.base_port, r.host, exclude=tuple(ports)))
+                servers.append(VLLMServer(hf_dir, ports[-1], r, seed=cfg.seed + i, transfer_backend=backend,
+                                          dtype=cfg.model.params_dtype, max_model_len=cfg.model.max_position_embeddings,
+                                          log_dir=run_dir / "logs"))
         wait_all_ready(servers, r.server_start_timeout_s)
         urls = r.server_urls or [s.url for s in servers]
         transfer = None

@@ -147,6 +147,9 @@ class AlgoConfig:
     1.0 learns on the embedded task where 1e-2 does not (README); a tiny floor is the paper's z-score."""
     z_scale: float = 1.0
     """Multiplies z (the authors' kl_loss_coef)."""
+    reference_refresh_every: int = 0
+    """GIFT/KL: every N steps the reference becomes a copy of the current policy (0: frozen initial
+    policy, the paper). Checkpoints then hold the reference too."""
     # PPO-style baselines
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -166,6 +169,12 @@ class AlgoConfig:
         _one_of("algo", "name", self.name, ("gift", "grpo", "dapo", "gspo"))
         _one_of("algo", "advantage", self.advantage, ("grpo", "drgrpo"))
         _one_of("algo", "baseline", self.baseline, ("reference", "old"))
+        if self.reference_refresh_every < 0:
+            raise ValueError(f"algo.reference_refresh_every={self.reference_refresh_every}: use N >= 1 (every N "
+                             f"steps) or 0 (frozen reference)")
+        if self.reference_refresh_every and not self.needs_reference:
+            raise ValueError(f"algo.reference_refresh_every={self.reference_refresh_every} but algo {self.name} uses "
+                             f"no reference (GIFT with baseline=reference, or kl_coef > 0): set it to 0")
         _one_of("algo", "loss_agg_mode", self.loss_agg_mode,
                 ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
         _positive("algo", group_size=self.group_size, num_mini_batches=self.num_mini_batches,
@@ -202,16 +211,24 @@ class RolloutConfig:
     cpu_kvcache_space_gib: int = 1
     request_timeout_s: float = 300.0
     server_start_timeout_s: float = 600.0
+    """How long to wait for servers to answer /health (model load, CUDA graph capture)."""
     server_model_dir: str | None = None
     """Servers started by Slurm (gift_megatron.rollout.serve): an HF folder to load; empty: dummy weights
     of the model's architecture, replaced by the trainer's sync before the first generation."""
-    """How long to wait for servers to answer /health (model load, CUDA graph capture)."""
     on_server_failure: str = "error"
-    """error: stop naming the server | failover: retry its work on the others."""
+    """error: stop naming the server | failover: retry its prompts on the others; a server that fails
+    during a weight sync is dropped for the rest of the run (it may hold half-synced weights)."""
+    checksum_after_sync: bool = False
+    """Servers: after every sync, sha256 every server's weights and stop if they differ (proves no server
+    serves half-synced weights; costs a full read of the weights on each server)."""
     weight_sync_bucket_mb: int = 256
     weight_sync: str = "auto"
     """Servers only. files: safetensors buckets in a folder every server reads | nccl: vLLM's NCCL
     weight transfer (GPUs) | gloo: the same transfer API over gloo (CPU) | auto: nccl on GPUs, else files."""
+    verify_every: int = 1
+    """Compare vLLM's log-probs of the sampled tokens with the trainer's every N steps (logprob_diff_*
+    metrics; 0: never). The trainer's pass over the rollout policy is then skipped on the other steps
+    when the loss does not need it (GIFT with the reference baseline): 2 N T of its 10 N T FLOPs."""
     weight_transfer_address: str | None = None
     """nccl/gloo: the address of trainer rank 0 that server workers connect to (default: MASTER_ADDR,
     else 127.0.0.1); the port is picked free at start."""
@@ -226,6 +243,8 @@ class RolloutConfig:
         _positive("rollout", num_servers=self.num_servers, tensor_parallel_size=self.tensor_parallel_size,
                   temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                   request_timeout_s=self.request_timeout_s)
+        if self.verify_every < 0:
+            raise ValueError(f"rollout.verify_every={self.verify_every}: use N >= 1 (every N steps) or 0 (never)")
         if self.top_p > 1:
             raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
 
@@ -311,9 +330,12 @@ class OptimConfig:
     lr_warmup_steps: int = 0
     lr_decay_style: str = "constant"
     """constant | linear | cosine (over the run's optimizer steps)."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient is NaN/Inf anywhere skips its update (counted, logged as
+    nonfinite); this many such steps in a row stop the run with an error."""
 
     def __post_init__(self) -> None:
-        _positive("optim", lr=self.lr)
+        _positive("optim", lr=self.lr, max_nonfinite_steps=self.max_nonfinite_steps)
         _one_of("optim", "lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
         if self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}: lower min_lr")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -17,10 +18,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(start: int | None = None, host: str = "127.0.0.1", exclude: tuple[int, ...] = ()) -> int:
+    """A TCP port nobody listens on. Without `start`, the kernel's pick (an ephemeral port); with it,
+    the first bindable port at or above `start` (not in `exclude`), for servers: ports below the
+    ephemeral range are never taken as the source port of someone's outgoing connection."""
+    if start is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    for port in range(start, min(start + 1000, 65536)):
+        if port in exclude:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {start}..{start + 999} on {host}: choose another rollout.base_port")
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
@@ -32,6 +47,12 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
         if dist.is_initialized():  # an in-process vLLM engine's shutdown may already have destroyed it
             dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    # The result is on disk: skip the interpreter's teardown, where gloo threads still held by
+    # megatron's cached process groups can abort the process ("terminate called without an active
+    # exception", seen once in CI) and turn finished work into a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:

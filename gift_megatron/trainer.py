@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +26,8 @@ from gift_megatron.algo import build_loss, group_advantages, overlong_penalty
 from gift_megatron.algo.advantages import nonconstant_groups
 from gift_megatron.algo.layout import dp_sample_indices
 from gift_megatron.config import Config
-from gift_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gift_megatron.megatron.policy import move_chunks
+from gift_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from gift_megatron.megatron.policy import copy_weights, move_chunks
 from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.rollout.batch import build_step_batch
@@ -63,6 +64,28 @@ class Components:
     writer: object | None = None
     history: list = field(default_factory=list)
     rank0: bool = True
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row with NaN/Inf losses or gradients."""
+
+
+def _count_nonfinite(c: Components, metrics: dict) -> None:
+    bad = metrics.get("nonfinite", 0.0) > 0  # all-reduced in the train step: the same on every rank
+    c.nonfinite_in_a_row = c.nonfinite_in_a_row + 1 if bad else 0
+    c.nonfinite_total += bad
+    metrics["nonfinite_total"] = float(c.nonfinite_total)
+
+
+def _check_nonfinite(c: Components) -> None:
+    """After the step is logged: every rank raises together."""
+    if c.nonfinite_in_a_row >= c.cfg.optim.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"{c.nonfinite_in_a_row} steps in a row (to step {c.step}) had a NaN/Inf loss or gradient and skipped "
+            f"their updates: lower optim.lr, check the rewards and data; the last checkpoint in "
+            f"{c.run_dir / 'checkpoints'} holds the last good weights (optim.max_nonfinite_steps)")
 
 
 def _logprobs(c: Components, chunks, batch: RolloutBatch) -> torch.Tensor:
@@ -184,10 +207,13 @@ def train_step(c: Components) -> dict[str, float]:
         batch, metrics, engine_logp = rollout_step(c)
     batch, engine_logp = _local_shard(c, *_broadcast_batch(c, batch, engine_logp))
     t0 = time.perf_counter()
-    old = _logprobs(c, c.policy.chunks, batch)
-    metrics.update(_mismatch(engine_logp, old, batch.mask_BT))
-    if cfg.algo.needs_old_logprobs:
-        batch.old_logp_BT = old
+    verify = cfg.rollout.verify_every > 0 and c.step % cfg.rollout.verify_every == 0
+    if verify or cfg.algo.needs_old_logprobs:  # same decision on every rank: c.step is shared
+        old = _logprobs(c, c.policy.chunks, batch)
+        if verify:
+            metrics.update(_mismatch(engine_logp, old, batch.mask_BT))
+        if cfg.algo.needs_old_logprobs:
+            batch.old_logp_BT = old
     t1 = time.perf_counter()
     if cfg.algo.needs_reference:
         if cfg.parallel.offload_reference:  # GPU only (validated): host memory between its passes
@@ -201,6 +227,9 @@ def train_step(c: Components) -> dict[str, float]:
                                 vocab_size=cfg.model.vocab_size)
     t3 = time.perf_counter()
     sync = sync_weights(c)
+    refresh = cfg.algo.reference_refresh_every
+    if c.reference is not None and refresh and (c.step + 1) % refresh == 0:  # the step being finished
+        copy_weights(c.policy.chunks, c.reference)
     for key in steps[-1]:
         metrics[key] = sum(s[key] for s in steps) / len(steps)
     metrics.update(time_old_logprobs=t1 - t0, time_reference=t2 - t1, time_train=t3 - t2)
@@ -233,9 +262,32 @@ def _log(c: Components, metrics: dict) -> None:
             c.writer.add_scalar(k, v, c.step)
 
 
+ARCHITECTURE = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights")
+
+
+def _architecture(c: Components) -> dict:
+    return {k: getattr(c.cfg.model, k) for k in ARCHITECTURE if hasattr(c.cfg.model, k)}
+
+
 def save(c: Components) -> None:
-    save_checkpoint(c.run_dir / "checkpoints", c.step, c.policy, {"sampler": c.sampler.state_dict()},
-                    keep_last=c.cfg.keep_last_checkpoints)
+    save_checkpoint(c.run_dir / "checkpoints", c.step, c.policy,
+                    {"sampler": c.sampler.state_dict(), "architecture": _architecture(c)},
+                    keep_last=c.cfg.keep_last_checkpoints, reference=_changing_reference(c))
+
+
+def _changing_reference(c: Components):
+    """The reference chunks when they are not the frozen initial policy (then checkpoints hold them)."""
+    return c.reference if c.reference is not None and c.cfg.algo.reference_refresh_every else None
+
+
+def _check_architecture(c: Components, path: Path) -> None:
+    saved, mine = read_trainer_state(path).get("architecture"), _architecture(c)
+    if saved is not None and saved != mine:
+        diff = ", ".join(f"{k}: checkpoint {saved.get(k)}, run {mine.get(k)}" for k in sorted(set(saved) | set(mine))
+                         if saved.get(k) != mine.get(k))
+        raise ValueError(f"{path} was written for another model ({diff}): use the model it was trained with, "
+                         f"another run_dir, or resume=false to start over")
 
 
 def maybe_resume(c: Components) -> bool:
@@ -249,13 +301,35 @@ def maybe_resume(c: Components) -> bool:
     if found is None:
         raise RuntimeError(f"rank {dist.get_rank()} cannot see the checkpoint rank 0 found under {c.run_dir}: "
                            f"the run folder must be on a filesystem every node shares")
-    state = load_checkpoint(found, c.policy)
+    _check_architecture(c, found)
+    state = load_checkpoint(found, c.policy, reference=_changing_reference(c))
     c.sampler.load_state_dict(state["sampler"])
     c.step = int(state["step"])
     sync_weights(c)
     if c.rank0:
         log.info("resumed from %s (step %d)", found, c.step)
     return True
+
+
+def _rewind_logs(c: Components) -> None:
+    """Drop what an earlier (crashed) run in this folder logged after the step this run starts from:
+    those steps run again. A fresh start (step 0) keeps nothing."""
+    path = c.run_dir / "metrics.jsonl"
+    if path.exists():
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                break
+        c.history = [r for r in rows if r["step"] <= c.step] if c.step else []
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in c.history))
+        os.replace(tmp, path)
+    if c.writer is not None:  # TensorBoard hides events after purge_step written by the crashed run
+        log_dir = c.writer.log_dir
+        c.writer.close()
+        c.writer = type(c.writer)(log_dir, purge_step=c.step + 1 if c.step else 0)
 
 
 def _stop_requested() -> bool:
@@ -270,6 +344,8 @@ def run(c: Components) -> dict[str, float]:
     """The loop. A stop signal ends it after the current step with a checkpoint (Preempted raised);
     Ctrl-C in a one-process run saves too."""
     cfg = c.cfg
+    if c.rank0:
+        _rewind_logs(c)
     if c.step == 0 and c.rank0:
         _log(c, evaluate(c))
     bar = tqdm(total=cfg.num_steps, initial=c.step, desc=f"{cfg.algo.name}", unit="step", disable=not c.rank0)
@@ -279,11 +355,13 @@ def run(c: Components) -> dict[str, float]:
             metrics = train_step(c)
             metrics["time_step"] = time.perf_counter() - start  # generate .. sync, all phases
             c.step += 1
+            _count_nonfinite(c, metrics)
             if c.rank0 and (c.step % cfg.eval_every == 0 or c.step == cfg.num_steps):
                 start = time.perf_counter()
                 metrics.update(evaluate(c))
                 metrics["time_eval"] = time.perf_counter() - start
             _log(c, metrics)
+            _check_nonfinite(c)
             bar.update(1)
             if c.rank0:
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}",

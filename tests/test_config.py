@@ -102,6 +102,8 @@ ERRORS = [
     (["algo.clip_ratio_low=-0.1"], "clip_ratio_low, clip_ratio_high and kl_coef must be >= 0"),
     (["rollout.engine=sglang"], "rollout.engine='sglang' is not supported"),
     (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
+    (["rollout.verify_every=-1"], "rollout.verify_every=-1: use N >= 1"),
+    (["algo=grpo", "algo.reference_refresh_every=10"], "algo grpo uses no reference"),
     (["rollout.on_server_failure=ignore"], "rollout.on_server_failure='ignore' is not supported"),
     (["data.name=jsonl"], "data.name=jsonl needs data.path=/path/to/prompts.jsonl"),
     (["data.name=jsonl", "data.path=/p.jsonl"], "data.name=jsonl needs data.tokenizer=/path/to/hf_tokenizer_folder"),

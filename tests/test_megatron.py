@@ -279,3 +279,70 @@ def test_activation_recompute_gives_the_same_step(recompute, layout, init_ckpt, 
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), algo
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), algo
             torch.testing.assert_close(got["logp_after"], want["logp_after"], rtol=0, atol=1e-4)
+
+
+def _nonfinite_worker(rank, world, ckpt):
+    """DP = 2: a NaN in rank 1's reference log-probs only. Every rank must skip the update (the flag is
+    all-reduced), keep its weights, and the next finite batch must update normally."""
+    from dataclasses import replace
+
+    from gift_megatron.megatron.checkpoint import load_model_weights
+
+    cfg = W.make_config(world)
+    policy = W.setup(cfg)
+    load_model_weights(ckpt, policy.chunks)
+    batch = W.local_batch(cfg)
+    poisoned = replace(batch, ref_logp_BT=batch.ref_logp_BT.clone())
+    if rank == 1:
+        poisoned.ref_logp_BT[0, -1] = float("nan")
+    before = [p.detach().clone() for p in policy.chunks[0].parameters()]
+    skipped = W.train(policy, cfg, poisoned)[0]
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, policy.chunks[0].parameters()))
+    finite = W.train(policy, cfg, batch)[0]
+    moved = not all(torch.equal(a, b) for a, b in zip(before, policy.chunks[0].parameters()))
+    lr_steps = policy.scheduler.num_steps
+    return {"skipped": skipped, "unchanged": unchanged, "finite": finite, "moved": moved, "lr_steps": lr_steps}
+
+
+def test_a_nan_on_one_rank_skips_the_update_on_every_rank(init_ckpt):
+    for res in run_distributed(_nonfinite_worker, 2, init_ckpt):
+        assert res["skipped"]["nonfinite"] == 1 and res["skipped"]["update_skipped"] == 1 and res["unchanged"]
+        assert res["finite"]["nonfinite"] == 0 and res["finite"]["update_skipped"] == 0 and res["moved"]
+        assert res["lr_steps"] == 1  # the skipped step did not advance the schedule
+
+
+def _reference_ckpt_worker(rank, world, ckpt, root, phase):
+    """TP = 2: a reference that is not the initial policy (refreshed after a step) is saved with the
+    checkpoint and restored exactly into a differently initialised reference; a checkpoint without
+    one is refused with the fix."""
+    from gift_megatron.megatron.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+    from gift_megatron.megatron.policy import build_reference, copy_weights
+
+    cfg = W.make_config(world, tp=2)
+    policy = W.setup(cfg, seed=1 if phase == "save" else 5)
+    reference = build_reference(cfg, on_gpu=False)
+    if phase == "save":
+        load_model_weights(ckpt, policy.chunks)
+        W.train(policy, cfg, W.local_batch(cfg))
+        copy_weights(policy.chunks, reference)  # the refresh
+        W.train(policy, cfg, W.local_batch(cfg, seed=1))  # the policy moves on
+        save_checkpoint(root, 2, policy, {}, reference=reference)
+        save_checkpoint(f"{root}/plain", 2, policy, {})
+    else:
+        load_checkpoint(f"{root}/step_00000002", policy, reference=reference)
+        try:
+            load_checkpoint(f"{root}/plain/step_00000002", policy, reference=reference)
+            refused = ""
+        except ValueError as e:
+            refused = str(e)
+    out = {"reference": W.full_logits(reference), "policy": W.full_logits(policy.chunks)}
+    return out if phase == "save" else dict(out, refused=refused)
+
+
+def test_a_refreshed_reference_is_checkpointed_and_restored(init_ckpt, tmp_path):
+    saved = run_distributed(_reference_ckpt_worker, 2, init_ckpt, str(tmp_path), "save")[0]
+    loaded = run_distributed(_reference_ckpt_worker, 2, init_ckpt, str(tmp_path), "load")[0]
+    assert not torch.equal(saved["reference"], saved["policy"])  # two different models were saved
+    torch.testing.assert_close(loaded["reference"], saved["reference"], rtol=0, atol=0)
+    torch.testing.assert_close(loaded["policy"], saved["policy"], rtol=0, atol=0)
+    assert "holds no reference weights" in loaded["refused"] and "reference_refresh_every=0" in loaded["refused"]

@@ -14,6 +14,7 @@ from gift_megatron.megatron.model import (
     use_transformer_engine,
 )
 from gift_megatron.megatron.parallel import rank_from_env
+from tests.procs import explain
 
 QWEN32B = dict(name="qwen2.5-32b", arch="qwen2", num_layers=64, hidden_size=5120, ffn_hidden_size=27648,
                num_attention_heads=40, num_query_groups=8, kv_channels=128, vocab_size=152064,
@@ -139,6 +140,6 @@ def test_mpi_launch_discovers_ranks_and_rendezvous():
     mpiexec = Path(sys.executable).parent / "mpiexec"
     proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "tests/mpi_rendezvous.py"], capture_output=True,
                           text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + str(sorted(env))
+    assert proc.returncode == 0, explain(proc) + str(sorted(env))
     assert sorted(line for line in proc.stdout.replace("rank ", "\nrank ").splitlines() if line) == [
         "rank 0/2 local 0 sum 3.0", "rank 1/2 local 1 sum 3.0"]

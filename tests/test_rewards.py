@@ -4,6 +4,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gift_megatron.rollout.rewards import MathVerifier, extract_answer, last_boxed
 
@@ -120,3 +122,56 @@ def test_default_reward_is_the_tasks_check_and_missing_groups_are_named():
     with pytest.raises(RuntimeError, match=r"returned groups \[0\] for 2 prompts"):
         scorer.score_all([(0, [_completion([9])])], [Sample([1], [], "", ""), Sample([1], [], "", "")])
     scorer.close()
+
+
+def test_a_reward_model_that_returns_nan_is_named(tmp_path):
+    """A broken reward model (a NaN in its score head) must stop scoring with the term named, before a
+    NaN reward reaches the advantages."""
+    import transformers
+
+    from gift_megatron.config import RewardConfig, RewardTermConfig
+    from gift_megatron.rollout.rewards import GroupScorer, build_reward
+    from gift_megatron.rollout.tasks import Sample
+    from tests.tokenizers import save_char_tokenizer
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=300, num_labels=1, pad_token_id=0)
+    model = transformers.LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "rm")
+    save_char_tokenizer(tmp_path / "rm")
+    cfg = RewardConfig(terms=[RewardTermConfig(kind="exact"),
+                              RewardTermConfig(kind="reward_model", path=str(tmp_path / "rm"), weight=0.1)])
+    scorer = GroupScorer(build_reward(cfg, task="jsonl", eos_id=9, decode=str), num_workers=1)
+    with pytest.raises(ValueError, match="reward term 'reward_model' returned .*nan.* must be finite"):
+        scorer.score_all([(0, [_completion([1, 9])])], [Sample([5], [1], "1", "1+0=")])
+    scorer.close()
+
+
+_PROSE = st.text(alphabet=st.characters(blacklist_characters="#\\", blacklist_categories=("Cs", "Nd")), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_property_parsers_never_raise_on_any_text(text):
+    """Model output is arbitrary text: the parsers return a string or None, never raise."""
+    for out in (extract_answer(text), extract_answer(text, last_number=False), last_boxed(text)):
+        assert out is None or isinstance(out, str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_PROSE, st.integers(-10**9, 10**9), _PROSE)
+def test_property_the_final_answer_is_found_in_any_wrapping(before, n, after):
+    """'#### N' wins over everything, then the last \\boxed{N}, then the last number."""
+    assert extract_answer(f"{before}\\boxed{{{n + 1}}}{after}\n#### {n}\n") == str(n)
+    assert extract_answer(f"{before} 7 {after}\\boxed{{{n}}}{after}") == str(n)
+    assert extract_answer(f"{before}{after} {n}{after}") == str(n)
+    assert extract_answer(f"{before}{after}", last_number=False) is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(-10**6, 10**6), st.integers(-10**6, 10**6))
+def test_property_math_verifier_is_exactly_equality_on_integers(a, b):
+    verifier = MathVerifier()
+    assert verifier.score(f"so the answer is {a}", f"#### {b}") == float(a == b)

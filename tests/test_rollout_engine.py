@@ -83,13 +83,21 @@ def _in_process_worker(rank, world, hf_dir):
     chunks = _policy(1, 1, 1)
     engine = LocalEngine(hf_dir, ROLLOUT, seed=0, max_model_len=32)
     before = engine.checksum()
-    stats = engine.load_weights(gather_hf_weights(chunks, MODEL))
+    weights = dict(gather_hf_weights(chunks, MODEL))
+    stats = engine.load_weights(iter(weights.items()))
     after = engine.checksum()
+    # one projection changed (packed for oneDNN on CPU, its parameter left empty): the checksum sees it
+    engine.load_weights(iter([(k, v * 1.01 if k == "model.layers.1.self_attn.o_proj.weight" else v)
+                              for k, v in weights.items()]))
+    one_changed = engine.checksum()
+    engine.load_weights(iter(weights.items()))
+    restored = engine.checksum()
     groups = engine.generate(PROMPTS, G)
     seqs, lens, engine_logp, mask = _flatten(groups)
     mismatch = logprob_mismatch(engine_logp, _trainer_logprobs(chunks, seqs, lens), mask)
     engine.close()
-    return {"before": before, "after": after, "groups": [[len(c.token_ids) for c in g] for g in groups],
+    return {"before": before, "after": after, "one_changed": one_changed, "restored": restored,
+            "groups": [[len(c.token_ids) for c in g] for g in groups],
             "buckets": stats.buckets, "tensors": stats.num_tensors, "mismatch": mismatch,
             "finish": sorted({c.finish_reason for g in groups for c in g})}
 
@@ -100,6 +108,7 @@ def test_generate_and_sync_in_process_tp1(tmp_path):
     assert [len(g) for g in res["groups"]] == [G] * len(PROMPTS)  # G samples per prompt, in order
     assert all(1 <= n <= MAX_NEW for g in res["groups"] for n in g)
     assert res["before"] != res["after"]  # the engine now serves other weights
+    assert res["one_changed"] != res["after"] and res["restored"] == res["after"]
     assert res["tensors"] == 3 + 2 * 9 and res["buckets"] > 1  # every HF tensor, in several 1-MB buckets
     assert res["mismatch"]["logprob_diff_max"] <= 1e-4, res["mismatch"]
 

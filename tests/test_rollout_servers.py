@@ -1,4 +1,9 @@
-"""Two real vLLM OpenAI servers on 127.0.0.1: generate, sync weights from a TP=2 policy, lose a server."""
+"""Real vLLM OpenAI servers on 127.0.0.1: generate, sync weights from a TP=2 policy; faults injected:
+a server SIGKILLed mid-generation (under load) and mid-sync, a stalled one, one that cannot start."""
+
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -11,12 +16,16 @@ from tests.test_rollout_engine import MAX_NEW, PROMPTS, G, _flatten, _gather_wor
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
+    """Three servers: all serve the first test; later tests kill one mid-generation, one mid-sync,
+    and stall the last (the tests run in file order)."""
     root = tmp_path_factory.mktemp("servers")
     _write_random_hf(root / "hf", seed=3)
     rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=1, request_timeout_s=60)
-    started = [VLLMServer(root / "hf", free_port(), rollout, seed=0, max_model_len=32, log_dir=root)
-               for _ in range(2)]
+    started, ports = [], []
     try:
+        for _ in range(3):
+            ports.append(free_port(8300, exclude=tuple(ports)))
+            started.append(VLLMServer(root / "hf", ports[-1], rollout, seed=0, max_model_len=32, log_dir=root))
         wait_all_ready(started, timeout_s=240)
         yield started, rollout
     finally:
@@ -24,14 +33,23 @@ def servers(tmp_path_factory):
             s.stop()
 
 
-def test_generate_sync_and_verify_on_two_servers(servers):
+def _sigkill(server: VLLMServer) -> None:
+    os.killpg(server.proc.pid, signal.SIGKILL)  # the API server and its engine process, no goodbye
+    server.proc.wait()
+
+
+def _weights():
+    return run_distributed(_gather_worker, 2, 2, 1)[0]  # a TP = 2 megatron policy's HF tensors
+
+
+def test_generate_sync_and_verify_on_every_server(servers):
     started, rollout = servers
     pool = ServerPool([s.url for s in started], rollout)
     before = pool.checksums()
-    weights = run_distributed(_gather_worker, 2, 2, 1)[0]  # a TP = 2 megatron policy
+    weights = _weights()
     stats = pool.load_weights(iter(weights.items()))
     after = pool.checksums()
-    assert before[0] == before[1] and after[0] == after[1] and after != before  # both serve the new weights
+    assert len(set(before)) == 1 and len(set(after)) == 1 and after != before  # all serve the new weights
     assert stats.num_tensors == len(weights) and stats.buckets > 1
     groups = pool.generate(PROMPTS, G)
     assert [len(g) for g in groups] == [G] * len(PROMPTS)
@@ -41,20 +59,71 @@ def test_generate_sync_and_verify_on_two_servers(servers):
     pool.close()
 
 
-def test_a_dead_server_is_named_or_failed_over(servers):
-    started, rollout = servers
-    dead = started[1]
-    dead.stop()
-    strict = ServerPool([s.url for s in started], rollout)
-    with pytest.raises(ServerError, match=f"vLLM server {dead.url} is unreachable"):
-        strict.generate(PROMPTS, G)
-    failover = ServerPool([s.url for s in started], RolloutConfig(
+def test_a_server_killed_mid_generation_under_load(servers):
+    """600 requests (200 groups of G) in flight over 3 servers; one is SIGKILLed after the 20th group.
+    failover: every prompt still gets exactly G completions, the dead server is dropped, in bounded time."""
+    started, _ = servers
+    victim = started[2]
+    pool = ServerPool([s.url for s in started], RolloutConfig(
         max_new_tokens=MAX_NEW, request_timeout_s=60, on_server_failure="failover"))
-    groups = failover.generate(PROMPTS, G)
-    assert [len(g) for g in groups] == [G] * len(PROMPTS)  # every prompt still gets G samples
-    assert failover.alive == [started[0].url]
+    prompts = [PROMPTS[i % len(PROMPTS)] + [1 + i % 50] for i in range(200)]
+    t0, got = time.monotonic(), {}
+    for k, (i, group) in enumerate(pool.generate_iter(prompts, G)):
+        assert i not in got
+        got[i] = group
+        if k == 20:
+            _sigkill(victim)
+    assert sorted(got) == list(range(len(prompts))) and all(len(g) == G for g in got.values())
+    assert all(1 <= len(c.token_ids) <= MAX_NEW for g in got.values() for c in g)
+    assert pool.alive == [s.url for s in started[:2]]
+    assert time.monotonic() - t0 < 120
+    with pytest.raises(ServerError, match=f"vLLM server {victim.url} is unreachable"):  # error mode names it
+        ServerPool([victim.url], servers[1]).generate(PROMPTS, G)
+
+
+def test_a_server_killed_mid_sync_is_never_used_half_synced(servers):
+    """SIGKILL one server after the first of several weight buckets. error: the sync stops naming it.
+    failover: it is dropped; the survivor got every bucket (its checksum equals a full re-sync's)."""
+    started, _ = servers
+    survivor, victim = started[0], started[1]
+    weights = _weights()
+    scaled = {k: v * 0.5 for k, v in weights.items()}  # differ from what the servers hold now
+    rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=1, request_timeout_s=60,
+                            on_server_failure="failover", checksum_after_sync=True)
+    pool = ServerPool([survivor.url, victim.url], rollout)
+    push, pushed = pool._push, []
+
+    def push_then_kill(bucket):  # the fault, injected between two buckets of one sync
+        push(bucket)
+        pushed.append(len(bucket))
+        if len(pushed) == 1:
+            _sigkill(victim)
+
+    pool._push = push_then_kill
+    stats = pool.load_weights(iter(scaled.items()))
+    assert len(pushed) == stats.buckets > 1 and pool.alive == [survivor.url]
+    synced = pool.checksums()[0]
+    pool._push = push
+    pool.load_weights(iter(scaled.items()))  # a full sync of the same weights: nothing may change
+    assert pool.checksums()[0] == synced
+    strict = ServerPool([victim.url], servers[1])
     with pytest.raises(ServerError, match="is unreachable"):
-        ServerPool([dead.url], rollout).load_weights(iter([("model.norm.weight", torch.ones(128))]))
+        strict.load_weights(iter([("model.norm.weight", torch.ones(128))]))
+
+
+def test_a_stalled_server_times_out_with_its_name(servers):
+    """SIGSTOP: the server accepts connections but never answers; the request deadline names it."""
+    started, _ = servers
+    stalled = started[0]
+    pool = ServerPool([stalled.url], RolloutConfig(max_new_tokens=MAX_NEW, request_timeout_s=3))
+    os.kill(stalled.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ServerError, match=f"vLLM server {stalled.url} did not answer .* within 3 s"):
+            pool.generate(PROMPTS, G)
+        assert time.monotonic() - t0 < 30
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)
 
 
 def test_a_server_that_cannot_start_is_named(tmp_path):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import explain
+
 ROOT = Path(__file__).resolve().parents[1]
 CI_DIR = "/tmp/slurm-ci"
 ENV = dict(os.environ, SLURM_CI_DIR=CI_DIR, SLURM_CI_NODES="2", SLURM_CI_CPUS="4", SLURM_CI_GPUS="2",
@@ -123,7 +125,7 @@ def test_hydra_multirun_lands_as_slurm_jobs(cluster, runs):
                            "num_steps=2", "eval_every=2", "save_every=2", f"hydra.sweep.dir={sweep}",
                            f"data.warmup_cache_dir={runs}/.warmup_cache"],
                           env=ENV, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, explain(proc)
     job_ids = sorted({p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()})
     assert len(job_ids) == 1  # one job array
     for task, algo in enumerate(["gift", "grpo"]):

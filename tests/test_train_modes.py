@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gift_megatron.launch import free_port
+from tests.procs import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["num_steps=3", "eval_every=3", "save_every=3", "rollout=vllm_servers", "rollout.num_servers=1"]
@@ -24,9 +25,9 @@ def train(run_dir: Path, *overrides: str, ranks: int = 1) -> list[dict]:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                     f"--master-port={free_port()}", "-m", "gift_megatron.train"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([*launcher, f"run_dir={run_dir}", f"rollout.base_port={free_port()}", *overrides],
+    proc = subprocess.run([*launcher, f"run_dir={run_dir}", *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, explain(proc)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -107,7 +108,7 @@ def test_hydra_multirun_locally_gives_each_run_its_folder(tmp_path):
                            "eval_every=1", "save_every=1", f"hydra.sweep.dir={tmp_path}/sweep",
                            f"data.warmup_cache_dir={tmp_path}/.warmup_cache"], cwd=ROOT, capture_output=True,
                           text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, explain(proc)
     for num, algo in enumerate(["gift", "grpo"]):
         run_dir = tmp_path / "sweep" / f"{num}_algo-{algo}_eval_every-1_num_steps-1_save_every-1"
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -94,9 +94,14 @@ def _restore_adam_step(optimizer, optimizer_state) -> None:
                 param_state["step"] = torch.tensor(step)
 
 
-def _full_sharded_state(policy, trainer_state: dict, *, is_loading: bool) -> dict[str, Any]:
+REFERENCE = "reference."  # key prefix of the reference's tensors, saved when it is not the frozen initial policy
+
+
+def _full_sharded_state(policy, trainer_state: dict, *, is_loading: bool, reference=None) -> dict[str, Any]:
     _ensure_adam_state(policy.optimizer)  # on load, the template needs it too; the loaded state replaces it
     sd = model_sharded_state(policy.chunks)
+    for key, chunk in zip(_model_keys(reference or []), reference or []):
+        sd[REFERENCE + key] = _unwrap(chunk).sharded_state_dict(prefix=REFERENCE)
     sd["optimizer"] = policy.optimizer.sharded_state_dict(dict(sd), is_loading=is_loading,
                                                           metadata=OPTIMIZER_SHARDING)
     sd["scheduler"] = policy.scheduler.state_dict()
@@ -140,28 +145,42 @@ def _publish(tmp: Path, final: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_last: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_last: int = 2, reference=None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder. `reference`: chunks saved too
+    (a reference that changes during training, e.g. refreshed from the policy)."""
     root, final = Path(root), step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
     _on_rank0(_prepare_tmp, tmp)
-    dist_checkpointing.save(_full_sharded_state(policy, dict(trainer_state, step=step), is_loading=False), str(tmp))
+    state = dict(trainer_state, step=step, has_reference=reference is not None)
+    dist_checkpointing.save(_full_sharded_state(policy, state, is_loading=False, reference=reference), str(tmp))
     dist.barrier()
     _on_rank0(_publish, tmp, final, keep_last)
     log.info("saved checkpoint %s", final)
     return final
 
 
+def read_trainer_state(path: Path) -> dict:
+    """The trainer state saved with a checkpoint (no tensors loaded): e.g. to check it fits the run."""
+    return dist_checkpointing.load_common_state_dict(str(path)).get("trainer", {})
+
+
 @torch.no_grad()  # the optimizer copies into (views of) fp32 parameters that require grad
-def load_checkpoint(path: Path, policy) -> dict:
-    """Restore model, optimizer, LR schedule and RNG states in place; returns the trainer state."""
+def load_checkpoint(path: Path, policy, reference=None) -> dict:
+    """Restore model, optimizer, LR schedule and RNG states in place (and the reference's weights when
+    given); returns the trainer state."""
     path = Path(path)
     if not _STEP_DIR.match(path.name) or not (path / "metadata.json").exists():
         raise ValueError(f"{path} is not a completed checkpoint (expected a step_XXXXXXXX folder written by "
                          f"save_checkpoint): pass a folder listed by completed_checkpoints()")
-    state = dist_checkpointing.load(_full_sharded_state(policy, {}, is_loading=True), str(path))
+    if reference is not None and not read_trainer_state(path).get("has_reference"):
+        raise ValueError(f"{path} holds no reference weights (it was written by a run whose reference was the "
+                         f"frozen initial policy): resume it with algo.reference_refresh_every=0")
+    state = dist_checkpointing.load(_full_sharded_state(policy, {}, is_loading=True, reference=reference), str(path))
     for key, chunk in zip(_model_keys(policy.chunks), policy.chunks):
         _unwrap(chunk).load_state_dict(state[key])
+    for key, chunk in zip(_model_keys(reference or []), reference or []):
+        loaded = state[REFERENCE + key]
+        _unwrap(chunk).load_state_dict({k.removeprefix(REFERENCE): v for k, v in loaded.items()})
     policy.optimizer.load_state_dict(state["optimizer"])
     _restore_adam_step(policy.optimizer, state["optimizer"])
     policy.scheduler.load_state_dict(state["scheduler"])
@@ -194,6 +213,11 @@ def _prepare_tmp_dir(tmp: Path) -> None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
+    """Renames only (atomic on one filesystem): the checkpoint appears complete or not at all, and an
+    existing one of the same name is moved aside before, and deleted after, the new one is in place."""
+    old = final.parent / f".old_{final.name}"
     if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # atomic on one filesystem: the checkpoint appears complete or not at all
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ algorithm's loss with the DP group. Pipelining (none, 1F1B, interleaved) is mega
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -171,13 +172,30 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
     outs = run_schedule(policy.chunks, micro_batches(batch, micro_batch_size),
                         _context(loss_fn, norm, temperature, vocab_size), forward_only=False)
     lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    success, grad_norm, _ = policy.optimizer.step()
+    nonfinite = _nonfinite_anywhere(policy.chunks, outs)
+    success, grad_norm = False, None
+    if not nonfinite:  # megatron skips only under fp16 loss scaling: bf16/fp32 would apply NaN updates
+        success, grad_norm, _ = policy.optimizer.step()
     if success:
         policy.scheduler.step(increment=1)
     metrics = _reduce_metrics(outs if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else [])
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   update_skipped=float(not success), lr=lr)
+                   update_skipped=float(not success), nonfinite=float(nonfinite), lr=lr)
     return metrics
+
+
+def _nonfinite_anywhere(chunks, outs: list[dict]) -> bool:
+    """Whether any rank saw a non-finite loss or gradient: one flag, all-reduced over every rank, so
+    all skip the update together. Reads the DDP gradient buffers once (contiguous)."""
+    bad, device = any(not math.isfinite(mb.get("loss", 0.0)) for mb in outs), torch.device("cpu")
+    for chunk in chunks:
+        for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
+            device = buffer.grad_data.device  # the process group's device (gloo: CPU, NCCL: GPU)
+            bad = bad or not bool(torch.isfinite(buffer.grad_data).all())
+    flag = torch.tensor([float(bad)], device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def train_rollout_batch(policy, loss_fn, batch: RolloutBatch, *, num_mini_batches: int, micro_batch_size: int,

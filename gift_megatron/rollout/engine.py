@@ -123,7 +123,9 @@ class LocalEngine:
         return stats
 
     def checksum(self) -> str:
-        return self.llm.collective_rpc("gift_checksum")[0]
+        from gift_megatron.rollout.worker_ext import combine
+
+        return combine(self.llm.collective_rpc("gift_checksum"))
 
     def close(self) -> None:
         """Shut the engine down. vLLM's cleanup also destroys torch.distributed's default process group

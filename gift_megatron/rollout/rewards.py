@@ -121,6 +121,10 @@ class CompositeReward:
 
     def score_group(self, completions: list, sample: Sample) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {kind: term(completions, sample).float() for kind, _, term in self.terms}
+        for kind, values in parts.items():
+            if not torch.isfinite(values).all():
+                raise ValueError(f"reward term {kind!r} returned {values.tolist()} for the prompt {sample.prompt!r}: "
+                                 f"rewards must be finite (for a reward model: check its weights and path)")
         total = sum(weight * parts[kind] for kind, weight, _ in self.terms)
         return total, parts
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,7 @@ class VLLMServer:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its engine process too (own session)
                 self.proc.wait()
 
 
@@ -144,11 +145,14 @@ class ServerPool:
             limit = timeout or self.rollout.request_timeout_s
             raise ServerError(f"vLLM server {url} did not answer {path} within {limit:.0f} s "
                               f"(rollout.request_timeout_s)") from None
-        except requests.ConnectionError as e:
+        except requests.RequestException as e:  # refused, reset, or the connection dropped mid-answer
             raise ServerError(f"vLLM server {url} is unreachable ({type(e).__name__}): is it running?") from None
         if r.status_code != 200:
             raise ServerError(f"vLLM server {url} answered {path} with HTTP {r.status_code}: {r.text[:300]}")
-        return r.json() if r.content else {}
+        try:
+            return r.json() if r.content else {}
+        except ValueError:
+            raise ServerError(f"vLLM server {url} sent a malformed answer to {path}: {r.text[:300]!r}") from None
 
     def _complete(self, url: str, prompt: list[int], n: int, max_tokens: int, temperature: float,
                   seed: int | None) -> list[Completion]:
@@ -198,6 +202,20 @@ class ServerPool:
         return [self._post(url, "/collective_rpc", {"method": method, "args": list(args)})["results"]
                 for url in self.alive]
 
+    def _on_every_server(self, call) -> None:
+        """call(url) on each live server. A failure is named, or under failover the server is dropped
+        for good (it may hold half-synced weights) and the others carry on."""
+        for url in list(self.alive):
+            try:
+                call(url)
+            except ServerError as e:
+                if self.rollout.on_server_failure != "failover":
+                    raise
+                log.warning("%s; dropping it (its weights may be half-synced)", e)
+                self.alive.remove(url)
+        if not self.alive:
+            raise ServerError(f"every vLLM server failed ({', '.join(self.urls)})")
+
     def load_weights(self, named_tensors) -> SyncStats:
         """Every server loads every bucket in place; then their prefix caches are dropped."""
         start = time.perf_counter()
@@ -206,8 +224,12 @@ class ServerPool:
             stats.num_tensors, stats.num_bytes = self.transfer.send(named_tensors)
         else:
             stats = sync_in_buckets(named_tensors, self.rollout.weight_sync_bucket_mb * 2**20, self._push)
-        for url in self.alive:
-            self._post(url, "/reset_prefix_cache", {})
+        self._on_every_server(lambda url: self._post(url, "/reset_prefix_cache", {}))
+        if self.rollout.checksum_after_sync:
+            sums = dict(zip(self.alive, self.checksums()))
+            if len(set(sums.values())) > 1:
+                raise ServerError(f"vLLM servers serve different weights after a sync (sha256 per server: {sums}): "
+                                  f"a sync was partial; restart the servers")
         stats.seconds = time.perf_counter() - start
         log.debug("weight sync to %d servers: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", len(self.alive),
                  stats.num_tensors, stats.num_bytes / 1e6, stats.seconds, stats.gb_per_s)
@@ -217,12 +239,15 @@ class ServerPool:
         path = self.sync_dir / "bucket.safetensors"
         save_file(dict(bucket), str(path))
         try:
-            self._rpc_all("gift_load_file", str(path))
+            self._on_every_server(lambda url: self._post(url, "/collective_rpc",
+                                                         {"method": "gift_load_file", "args": [str(path)]}))
         finally:
             path.unlink(missing_ok=True)
 
     def checksums(self) -> list[str]:
-        return [r[0] for r in self._rpc_all("gift_checksum")]
+        from gift_megatron.rollout.worker_ext import combine
+
+        return [combine(r) for r in self._rpc_all("gift_checksum")]
 
     def close(self) -> None:
         if self.transfer is not None:

@@ -26,9 +26,32 @@ class WeightSyncExtension:
         return len(weights)
 
     def gift_checksum(self) -> str:
-        """sha256 over every parameter's bytes in name order: proves which weights the engine serves."""
+        """sha256 of the weights this worker serves, in name order: every non-empty parameter's bytes,
+        and for each linear layer its output on a fixed probe input through the layer's own kernel.
+        The probe matters on CPU, where vLLM packs linear weights for oneDNN and leaves the parameter
+        empty: hashing parameters alone would miss every projection."""
+        import torch
+        from vllm.model_executor.layers.linear import LinearBase
+
+        model = self.model_runner.model
+        device = next(model.parameters()).device
         digest = hashlib.sha256()
-        for name, p in sorted(self.model_runner.model.named_parameters()):
-            digest.update(name.encode())
-            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        for name, p in sorted(model.named_parameters()):
+            if p.numel():
+                digest.update(name.encode())
+                digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        with torch.no_grad():
+            for name, module in sorted(model.named_modules(), key=lambda kv: kv[0]):
+                if isinstance(module, LinearBase):
+                    g = torch.Generator().manual_seed(0)
+                    probe = torch.randn(2, module.input_size_per_partition, generator=g)
+                    bias = getattr(module, "bias", None)
+                    out = module.quant_method.apply(module, probe.to(device, module.params_dtype), bias)
+                    digest.update(name.encode())
+                    digest.update(out.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+
+def combine(worker_sums: list[str]) -> str:
+    """One checksum for an engine from its workers' (TP shards), in worker order."""
+    return hashlib.sha256("".join(worker_sums).encode()).hexdigest()
