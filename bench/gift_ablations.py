@@ -30,6 +30,7 @@ VARIANTS = {
     "not_detached": ["algo.detach_stats=false"],
     "floor_0.01": ["algo.implicit_std_floor=0.01"],
     "floor_0.1": ["algo.implicit_std_floor=0.1"],
+    "floor_4": ["algo.implicit_std_floor=4.0"],
     "baseline_old": ["algo.baseline=old"],
     "length_norm": ["algo.length_norm_power=1.0"],
     "z_scale_0.5": ["algo.z_scale=0.5"],
