@@ -36,6 +36,7 @@ VARIANTS = {
     "z_scale_0.5": ["algo.z_scale=0.5"],
     "z_scale_2": ["algo.z_scale=2.0"],
     "ref_refresh_20": ["algo.reference_refresh_every=20"],
+    "skip_uninformative": ["algo.skip_uninformative_groups=true"],
     "grpo": ["algo=grpo"],
 }
 DIAGNOSTICS = ("implicit_std_median", "log_beta_median", "grad_norm")

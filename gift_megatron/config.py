@@ -147,6 +147,9 @@ class AlgoConfig:
     1.0 learns on the embedded task where 1e-2 does not (README); a tiny floor is the paper's z-score."""
     z_scale: float = 1.0
     """Multiplies z (the authors' kl_loss_coef)."""
+    skip_uninformative_groups: bool = False
+    """GIFT: leave groups whose rewards are all equal out of the loss (their target z = 0 only pulls
+    the samples' implicit rewards together, towards the baseline)."""
     reference_refresh_every: int = 0
     """GIFT/KL: every N steps the reference becomes a copy of the current policy (0: frozen initial
     policy, the paper). Checkpoints then hold the reference too."""

@@ -180,3 +180,29 @@ def test_sft_loss_is_token_mean_nll():
     assert loss.item() == pytest.approx(2.0) and metrics["nll"] == pytest.approx(2.0)
     loss.backward()
     assert torch.allclose(logp.grad, -mask / 3)
+
+
+def test_gift_skip_uninformative_groups_by_hand():
+    """Group 0 rewards (1, 0): A = (+1/sqrt(.5)... ) z-scored; group 1 rewards (0, 0): A = 0. Implicit
+    rewards s = (0.3, -0.1 | 0.2, -0.2), floor 1 (both stds below it: z = s - mean).
+    Full loss: [(A0 - 0.2)^2 + (A1 + 0.2)^2 + (0 - 0.2)^2 + (0 + 0.2)^2] / 4 with A0 = -A1 = 1/sqrt(2);
+    skipping: the group-1 terms vanish and their gradient is exactly zero; the divisor stays 4."""
+    rewards, gi = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0, 0, 1, 1])
+    from gift_megatron.algo import group_advantages
+
+    adv = group_advantages(rewards, gi, 2)
+    a0 = float(adv[0])
+    assert a0 == pytest.approx(2 ** -0.5, rel=1e-5)  # (1 - 0.5) / std(1, 0) with Bessel: 0.5 / 0.7071
+    out = {}
+    for skip in (False, True):
+        logp = torch.tensor([[0.3], [-0.1], [0.2], [-0.2]], requires_grad=True)
+        batch = LossBatch(logp_BT=logp, mask_BT=torch.ones(4, 1), advantages_B=adv, rewards_B=rewards,
+                          group_index_B=gi, num_groups=2, ref_logp_BT=torch.zeros(4, 1))
+        loss, _ = gift_loss(batch, LossNorm(4, 4, 1), implicit_std_floor=1.0, skip_uninformative_groups=skip)
+        loss.backward()
+        out[skip] = (float(loss), logp.grad.flatten().tolist())
+    informative = (a0 - 0.2) ** 2 + (-a0 + 0.2) ** 2
+    assert out[False][0] == pytest.approx((informative + 0.04 + 0.04) / 4, rel=1e-6)
+    assert out[True][0] == pytest.approx(informative / 4, rel=1e-6)
+    assert out[True][1][2:] == [0.0, 0.0] and out[False][1][2] != 0.0
+    assert out[True][1][:2] == pytest.approx(out[False][1][:2], rel=1e-6)

@@ -13,11 +13,11 @@ from gift_megatron.algo import LossBatch, LossNorm, group_advantages
 # the interesting branches (clipping, KL, length normalisation, non-detached statistics).
 LOSS_CASES = {
     "gift": dict(name="gift", baseline="reference", length_norm_power=0.0, detach_stats=True,
-                 implicit_std_floor=1e-2, z_scale=1.0, adv_eps=1e-6),
+                 implicit_std_floor=1e-2, z_scale=1.0, adv_eps=1e-6, skip_uninformative_groups=False),
     "gift_old_lennorm": dict(name="gift", baseline="old", length_norm_power=1.0, detach_stats=True,
-                             implicit_std_floor=1e-2, z_scale=2.0, adv_eps=1e-6),
+                             implicit_std_floor=1e-2, z_scale=2.0, adv_eps=1e-6, skip_uninformative_groups=True),
     "gift_attached": dict(name="gift", baseline="reference", length_norm_power=0.0, detach_stats=False,
-                          implicit_std_floor=1e-2, z_scale=1.0, adv_eps=1e-6),
+                          implicit_std_floor=1e-2, z_scale=1.0, adv_eps=1e-6, skip_uninformative_groups=False),
     "grpo_kl": dict(name="grpo", clip_ratio_low=0.2, clip_ratio_high=0.2, kl_coef=0.05,
                     loss_agg_mode="seq-mean-token-mean"),
     "dapo": dict(name="dapo", clip_ratio_low=0.2, clip_ratio_high=0.28, kl_coef=0.0, loss_agg_mode="token-mean"),

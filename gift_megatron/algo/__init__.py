@@ -34,7 +34,7 @@ def build_loss(algo: Any) -> Callable[..., Any]:
         return partial(
             gift_loss, baseline=algo.baseline, length_norm_power=algo.length_norm_power,
             detach_stats=algo.detach_stats, implicit_std_floor=algo.implicit_std_floor,
-            z_scale=algo.z_scale, eps=algo.adv_eps,
+            z_scale=algo.z_scale, skip_uninformative_groups=algo.skip_uninformative_groups, eps=algo.adv_eps,
         )
     if algo.name in ("grpo", "dapo"):  # DAPO is PPO-clip with its own defaults (conf/algo/dapo.yaml)
         return partial(

@@ -92,6 +92,7 @@ def gift_loss(
     detach_stats: bool = True,
     implicit_std_floor: float = 1.0,
     z_scale: float = 1.0,
+    skip_uninformative_groups: bool = False,
     eps: float = 1e-6,
     dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -106,6 +107,10 @@ def gift_loss(
     the floor z_i = (s_i - mean) / floor, i.e. the loss regresses the implicit reward onto
     floor * A_i (beta(x) capped at std_r / floor): finite loss and |dz/ds| <= 1 / floor, even at
     step 0 where s == 0 for every sample, for singleton groups and equal rewards (A == 0).
+
+    `skip_uninformative_groups`: groups whose rewards are all equal (A == 0) contribute nothing (their
+    target z = 0 pulls the samples' implicit rewards together, towards the baseline, with no reward
+    information); the mean still divides by every sample, as GRPO's zero advantages do.
     """
     base_BT = batch.ref_logp_BT if baseline == "reference" else batch.old_logp_BT
     if base_BT is None:
@@ -119,11 +124,13 @@ def gift_loss(
         eps=eps, std_floor=implicit_std_floor, detach_stats=detach_stats, process_group=dp_group,
     )
     z_B = z_scale * z_B
+    r_stats = group_stats(batch.rewards_B, batch.group_index_B, batch.num_groups, dp_group)
     # Sample mean over the whole mini-batch: divide by the global sample count.
     sq_err_B = (batch.advantages_B.to(torch.float64) - z_B).square()
+    if skip_uninformative_groups:
+        sq_err_B = sq_err_B * (r_stats.std_P[batch.group_index_B] > 0)
     loss = (sq_err_B.sum() / norm.num_samples).float()
     with torch.no_grad():
-        r_stats = group_stats(batch.rewards_B, batch.group_index_B, batch.num_groups, dp_group)
         beta_P = r_stats.std_P / s_stats.std_P  # self-tuned KL coefficient per prompt
         informative_P = (r_stats.std_P > 0) & (s_stats.std_P > 0)
         metrics = {
