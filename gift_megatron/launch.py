@@ -6,6 +6,7 @@ is launched by torchrun or srun.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -47,9 +48,11 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, ar
         if dist.is_initialized():  # an in-process vLLM engine's shutdown may already have destroyed it
             dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    # The result is on disk: skip the interpreter's teardown, where gloo threads still held by
-    # megatron's cached process groups can abort the process ("terminate called without an active
-    # exception", seen once in CI) and turn finished work into a failure.
+    # The result is on disk: run the exit handlers (they stop helper processes, e.g. the Manager that
+    # megatron's checkpoint writer spawns), then skip the interpreter's teardown, where gloo threads
+    # still held by megatron's cached process groups can abort the process ("terminate called without
+    # an active exception", seen once in CI) and turn finished work into a failure.
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
