@@ -152,7 +152,8 @@ class AlgoConfig:
     the samples' implicit rewards together, towards the baseline)."""
     reference_refresh_every: int = 0
     """GIFT/KL: every N steps the reference becomes a copy of the current policy (0: frozen initial
-    policy, the paper). Checkpoints then hold the reference too."""
+    policy, the paper; conf/algo/gift.yaml sets 20, docs/gift_convergence.md). Checkpoints then hold
+    the reference too."""
     # PPO-style baselines
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
