@@ -198,9 +198,12 @@ class ServerPool:
         out = dict(self.generate_iter(prompts, n, **kwargs))
         return [out[i] for i in range(len(prompts))]
 
+    def _rpc(self, url: str, method: str, *args: str) -> list:
+        """A worker-extension method on every worker of one server (strings in, JSON out)."""
+        return self._post(url, "/collective_rpc", {"method": method, "args": list(args)})["results"]
+
     def _rpc_all(self, method: str, *args: str) -> list:
-        return [self._post(url, "/collective_rpc", {"method": method, "args": list(args)})["results"]
-                for url in self.alive]
+        return [self._rpc(url, method, *args) for url in self.alive]
 
     def _on_every_server(self, call) -> None:
         """call(url) on each live server. A failure is named, or under failover the server is dropped
@@ -239,8 +242,7 @@ class ServerPool:
         path = self.sync_dir / "bucket.safetensors"
         save_file(dict(bucket), str(path))
         try:
-            self._on_every_server(lambda url: self._post(url, "/collective_rpc",
-                                                         {"method": "gift_load_file", "args": [str(path)]}))
+            self._on_every_server(lambda url: self._rpc(url, "gift_load_file", str(path)))
         finally:
             path.unlink(missing_ok=True)
 
