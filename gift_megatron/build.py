@@ -72,9 +72,9 @@ def _file_task(cfg: Config) -> TaskData:
     if d.eval_path:
         train, held_out = rows, load(d.eval_path)
     else:
-        if not 0 < d.num_eval_prompts < len(rows):
-            raise ValueError(f"data.num_eval_prompts={d.num_eval_prompts} must be in (0, {len(rows)}) for {d.path} "
-                             f"(or give data.eval_path)")
+        if not 0 <= d.num_eval_prompts < len(rows):
+            raise ValueError(f"data.num_eval_prompts={d.num_eval_prompts} must be in [0, {len(rows)}) for {d.path}, "
+                             f"which has {len(rows)} rows (0: no evaluation; or give data.eval_path)")
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(d.seed)).tolist()
         held_out, train = [rows[i] for i in order[:d.num_eval_prompts]], [rows[i] for i in order[d.num_eval_prompts:]]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -225,7 +225,9 @@ class RolloutConfig:
     checksum_after_sync: bool = False
     """Servers: after every sync, sha256 every server's weights and stop if they differ (proves no server
     serves half-synced weights; costs a full read of the weights on each server)."""
-    weight_sync_bucket_mb: int = 256
+    weight_sync_bucket_mb: float = 256.0
+    """Bucket size of a weight sync (in-process and files): buckets close only between whole engine
+    parameters (q/k/v together, gate/up together), and one reload session spans all buckets."""
     weight_sync: str = "auto"
     """Servers only. files: safetensors buckets in a folder every server reads | nccl: vLLM's NCCL
     weight transfer (GPUs) | gloo: the same transfer API over gloo (CPU) | auto: nccl on GPUs, else files."""
@@ -233,6 +235,12 @@ class RolloutConfig:
     """Compare vLLM's log-probs of the sampled tokens with the trainer's every N steps (logprob_diff_*
     metrics; 0: never). The trainer's pass over the rollout policy is then skipped on the other steps
     when the loss does not need it (GIFT with the reference baseline): 2 N T of its 10 N T FLOPs."""
+    max_logprob_mismatch: float | None = None
+    """Alarm: a verified step whose mean |engine - trainer| log-prob per response token exceeds this
+    warns, and `mismatch_patience` such steps in a row stop the run (the engine is not sampling from
+    the trainer's weights). None: by model.params_dtype, 1e-3 for float32 (measured 1e-7 to 1e-5
+    with correct syncs, 1.6e-2 with a stale tied head), 5e-2 for bf16/fp16 (README, weight sync)."""
+    mismatch_patience: int = 3
     weight_transfer_address: str | None = None
     """nccl/gloo: the address of trainer rank 0 that server workers connect to (default: MASTER_ADDR,
     else 127.0.0.1); the port is picked free at start."""
@@ -246,7 +254,10 @@ class RolloutConfig:
                              f"which a dead server breaks: use on_server_failure=error, or weight_sync=files")
         _positive("rollout", num_servers=self.num_servers, tensor_parallel_size=self.tensor_parallel_size,
                   temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                  request_timeout_s=self.request_timeout_s)
+                  request_timeout_s=self.request_timeout_s, weight_sync_bucket_mb=self.weight_sync_bucket_mb)
+        if self.max_logprob_mismatch is not None:
+            _positive("rollout", max_logprob_mismatch=self.max_logprob_mismatch)
+        _positive("rollout", mismatch_patience=self.mismatch_patience)
         if self.verify_every < 0:
             raise ValueError(f"rollout.verify_every={self.verify_every}: use N >= 1 (every N steps) or 0 (never)")
         if self.top_p > 1:
@@ -358,8 +369,15 @@ class Config:
     seed: int = 1234
     device: str = "auto"
     """auto (CUDA when available) | cpu | cuda."""
+    log_level: str = "WARNING"
+    """Third-party loggers (vLLM, megatron, transformers): WARNING hides their INFO lines (parameter
+    lists, kernel notes, per-sync reload notes) so the progress bar stays readable; INFO or DEBUG
+    shows them. Our own INFO lines show either way; warnings and errors always do."""
     num_steps: int = 100
     eval_every: int = 10
+    """Held-out evaluation every N steps (and at the last); data.num_eval_prompts=0 switches it off."""
+    eval_num_samples: int = 0
+    """k > 1: each eval also samples k answers per prompt and logs eval_avg@k and eval_pass@k."""
     save_every: int = 50
     keep_last_checkpoints: int = 2
     run_dir: str = "runs/default"
@@ -368,6 +386,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _one_of("", "device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("", "log_level", self.log_level, ("WARNING", "INFO", "DEBUG"))
+        _positive("", eval_every=self.eval_every)
+        if self.eval_num_samples < 0 or self.eval_num_samples == 1:
+            raise ValueError(f"eval_num_samples={self.eval_num_samples}: use 0 (greedy only) or k >= 2 (avg@k, pass@k)")
         _check_layout(self)
         _check_rollout(self)
 

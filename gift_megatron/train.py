@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -35,8 +36,9 @@ def main(dict_cfg: DictConfig) -> dict:
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         dict_cfg.run_dir = hc.runtime.output_dir  # each sweep job its own run folder
     cfg = to_config(dict_cfg)
-    for noisy in ("megatron", "vllm"):  # their INFO lines (parameter lists, kernel notes) drown the progress bar
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)  # vLLM sets its level from it at import
+    for noisy in ("megatron", "vllm", "transformers", "torch.distributed"):  # their INFO drowns the bar
+        logging.getLogger(noisy).setLevel(cfg.log_level)
     components = build(cfg)
     try:
         maybe_resume(components)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gift_megatron.algo import build_loss, group_advantages, overlong_penalty
 from gift_megatron.algo.advantages import nonconstant_groups
@@ -31,7 +32,7 @@ from gift_megatron.megatron.policy import copy_weights, move_chunks
 from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.rollout.batch import build_step_batch
-from gift_megatron.rollout.verify import mismatch_stats, summarize
+from gift_megatron.rollout.verify import DEFAULT_MAX_MISMATCH, MismatchAlarm, mismatch_stats, summarize
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ class Components:
     rank0: bool = True
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    alarm: MismatchAlarm | None = None
+
+    def __post_init__(self) -> None:
+        r = self.cfg.rollout
+        threshold = r.max_logprob_mismatch or DEFAULT_MAX_MISMATCH[self.cfg.model.params_dtype]
+        self.alarm = MismatchAlarm(threshold, r.mismatch_patience, log)
 
 
 class NonFiniteError(RuntimeError):
@@ -210,8 +217,9 @@ def train_step(c: Components) -> dict[str, float]:
     verify = cfg.rollout.verify_every > 0 and c.step % cfg.rollout.verify_every == 0
     if verify or cfg.algo.needs_old_logprobs:  # same decision on every rank: c.step is shared
         old = _logprobs(c, c.policy.chunks, batch)
-        if verify:
+        if verify:  # before the update: a step that trips the alarm trains nothing
             metrics.update(_mismatch(engine_logp, old, batch.mask_BT))
+            c.alarm.check(c.step, metrics)
         if cfg.algo.needs_old_logprobs:
             batch.old_logp_BT = old
     t1 = time.perf_counter()
@@ -238,16 +246,29 @@ def train_step(c: Components) -> dict[str, float]:
     return metrics
 
 
-def evaluate(c: Components) -> dict[str, float]:
-    """Held-out accuracy (the task's check) and reward with greedy decoding (rank 0)."""
-    samples = c.task.eval
-    groups = c.engine.generate([s.prompt_ids for s in samples], 1, temperature=0.0)
+def _hits(c: Components, groups: list, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accuracy per completion, reward per completion), flattened over groups."""
     _, totals, parts = c.scorer.score_all(enumerate(groups), samples)
     reward = c.scorer.reward
     hits = parts.get(reward.accuracy_kind)  # already scored when the check is one of the terms
     if hits is None:
         hits = torch.cat([reward.accuracy(g, s) for g, s in zip(groups, samples)])
-    return {"eval_accuracy": float(hits.float().mean()), "eval_reward": float(totals.mean())}
+    return hits.float(), totals
+
+
+def evaluate(c: Components) -> dict[str, float]:
+    """Held-out accuracy (the task's check) and reward with greedy decoding (rank 0); with
+    `eval_num_samples` = k > 1 also avg@k (mean accuracy of k sampled answers, at the rollout
+    temperature) and pass@k (a prompt counts if any of its k answers is right)."""
+    samples, k = c.task.eval, c.cfg.eval_num_samples
+    prompts = [s.prompt_ids for s in samples]
+    hits, totals = _hits(c, c.engine.generate(prompts, 1, temperature=0.0), samples)
+    out = {"eval_accuracy": float(hits.mean()), "eval_reward": float(totals.mean())}
+    if k > 1:
+        hits_k, _ = _hits(c, c.engine.generate(prompts, k, seed=c.cfg.seed), samples)
+        hits_k = hits_k.view(len(samples), k)
+        out.update({f"eval_avg@{k}": float(hits_k.mean()), f"eval_pass@{k}": float(hits_k.amax(dim=1).mean())})
+    return out
 
 
 def _log(c: Components, metrics: dict) -> None:
@@ -340,41 +361,58 @@ def _stop_requested() -> bool:
     return bool(flag.item())
 
 
+def _postfix(c: Components, metrics: dict) -> dict[str, str]:
+    """The bar's live numbers: reward, the last held-out accuracy, the engine/trainer mismatch."""
+    post = {"reward": f"{metrics['reward']:.3f}"}
+    evals = [h["eval_accuracy"] for h in c.history if "eval_accuracy" in h]
+    if evals:
+        post["acc"] = f"{evals[-1]:.3f}"
+    if "logprob_diff_mean" in metrics:
+        post["mismatch"] = f"{metrics['logprob_diff_mean']:.1e}"
+    return post
+
+
+def _loop(c: Components, bar, evals_on: bool) -> None:
+    cfg = c.cfg
+    while c.step < cfg.num_steps:
+        start = time.perf_counter()
+        metrics = train_step(c)
+        metrics["time_step"] = time.perf_counter() - start  # generate .. sync, all phases
+        c.step += 1
+        _count_nonfinite(c, metrics)
+        if c.rank0 and evals_on and (c.step % cfg.eval_every == 0 or c.step == cfg.num_steps):
+            start = time.perf_counter()
+            metrics.update(evaluate(c))
+            metrics["time_eval"] = time.perf_counter() - start
+        _log(c, metrics)
+        _check_nonfinite(c)
+        if c.rank0:
+            bar.set_postfix(_postfix(c, metrics), refresh=False)
+        bar.update(1)
+        saved = c.step % cfg.save_every == 0 or c.step == cfg.num_steps
+        if saved:
+            save(c)
+        if _stop_requested():
+            if c.rank0:
+                log.warning("stop signal: checkpoint at step %d, leaving", c.step)
+            if not saved:
+                save(c)
+            raise Preempted(f"stop signal at step {c.step}")
+
+
 def run(c: Components) -> dict[str, float]:
     """The loop. A stop signal ends it after the current step with a checkpoint (Preempted raised);
     Ctrl-C in a one-process run saves too."""
     cfg = c.cfg
     if c.rank0:
         _rewind_logs(c)
-    if c.step == 0 and c.rank0:
+    evals_on = cfg.data.num_eval_prompts > 0 or cfg.data.eval_path is not None
+    if c.step == 0 and c.rank0 and evals_on:
         _log(c, evaluate(c))
     bar = tqdm(total=cfg.num_steps, initial=c.step, desc=f"{cfg.algo.name}", unit="step", disable=not c.rank0)
     try:
-        while c.step < cfg.num_steps:
-            start = time.perf_counter()
-            metrics = train_step(c)
-            metrics["time_step"] = time.perf_counter() - start  # generate .. sync, all phases
-            c.step += 1
-            _count_nonfinite(c, metrics)
-            if c.rank0 and (c.step % cfg.eval_every == 0 or c.step == cfg.num_steps):
-                start = time.perf_counter()
-                metrics.update(evaluate(c))
-                metrics["time_eval"] = time.perf_counter() - start
-            _log(c, metrics)
-            _check_nonfinite(c)
-            bar.update(1)
-            if c.rank0:
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}",
-                                acc=f"{metrics.get('eval_accuracy', float('nan')):.3f}")
-            saved = c.step % cfg.save_every == 0 or c.step == cfg.num_steps
-            if saved:
-                save(c)
-            if _stop_requested():
-                if c.rank0:
-                    log.warning("stop signal: checkpoint at step %d, leaving", c.step)
-                if not saved:
-                    save(c)
-                raise Preempted(f"stop signal at step {c.step}")
+        with logging_redirect_tqdm():  # log lines print above the bar instead of breaking it
+            _loop(c, bar, evals_on)
     except KeyboardInterrupt:
         if dist.get_world_size() > 1:
             raise  # ranks may be inside different collectives: a collective save could hang

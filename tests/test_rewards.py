@@ -14,7 +14,10 @@ from gift_megatron.rollout.rewards import MathVerifier, extract_answer, last_box
     ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
     ("so the total is 1,234 dollars\n#### 1,234", "1234"),
     ("The answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
-    ("first \\boxed{3} then corrected: \\boxed{5}", "5"),
+    ("first \\boxed{3} then corrected: \\boxed{5}", None),  # two different final answers: a hedge
+    ("\\boxed{5} so\n#### 5", "5"),  # stated twice, the same
+    ("#### 18 dollars", "18"),  # the number after ####, not the line
+    ("#### $1,234.50 in total", "1234.50"),
     ("nested \\boxed{\\sqrt{x^{2}}}", "\\sqrt{x^{2}}"),
     ("We get 12 apples and then 15 pears.", "15"),
     ("I do not know.", None),
@@ -163,8 +166,9 @@ def test_property_parsers_never_raise_on_any_text(text):
 @settings(max_examples=200, deadline=None)
 @given(_PROSE, st.integers(-10**9, 10**9), _PROSE)
 def test_property_the_final_answer_is_found_in_any_wrapping(before, n, after):
-    """'#### N' wins over everything, then the last \\boxed{N}, then the last number."""
-    assert extract_answer(f"{before}\\boxed{{{n + 1}}}{after}\n#### {n}\n") == str(n)
+    """'#### N' and \\boxed{N} are stated answers (all must agree), else the last number counts."""
+    assert extract_answer(f"{before}\\boxed{{{n}}}{after}\n#### {n}\n") == str(n)
+    assert extract_answer(f"{before}\\boxed{{{n + 1}}}{after}\n#### {n}\n") is None
     assert extract_answer(f"{before} 7 {after}\\boxed{{{n}}}{after}") == str(n)
     assert extract_answer(f"{before}{after} {n}{after}") == str(n)
     assert extract_answer(f"{before}{after}", last_number=False) is None
@@ -175,3 +179,41 @@ def test_property_the_final_answer_is_found_in_any_wrapping(before, n, after):
 def test_property_math_verifier_is_exactly_equality_on_integers(a, b):
     verifier = MathVerifier()
     assert verifier.score(f"so the answer is {a}", f"#### {b}") == float(a == b)
+
+
+_UNITS = st.sampled_from(["", " dollars", " apples", "$", " cm.", " per day", " (final)", "."])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10**6), _UNITS, _PROSE)
+def test_property_gsm8k_answer_with_units_scores_by_its_number(n, unit, prose):
+    """'#### 18 dollars' is the answer 18 (the whole line used to be taken and scored 0)."""
+    verifier = MathVerifier()
+    assert verifier.score(f"{prose}\n#### {n}{unit}", f"#### {n}") == 1.0
+    assert verifier.score(f"{prose}\n#### {n + 1}{unit}", f"#### {n}") == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(-10**6, 10**6), st.integers(-10**6, 10**6), _PROSE, st.booleans())
+def test_property_hedging_over_several_answers_scores_zero(a, b, prose, gold_first):
+    """Several distinct final answers score 0 whichever is right and wherever it stands (the last box
+    used to win, so hedging paid); the same answer stated twice still scores."""
+    verifier = MathVerifier()
+    first, second = (a, b) if gold_first else (b, a)
+    hedge = f"\\boxed{{{first}}}{prose} or \\boxed{{{second}}}"
+    assert verifier.score(hedge, f"#### {a}") == float(a == b)
+    assert verifier.score(f"\\boxed{{{first}}}{prose}\n#### {second}", f"#### {a}") == float(a == b)
+    assert verifier.score(f"\\boxed{{{a}}}{prose}\n#### {a}", f"#### {a}") == 1.0
+
+
+@pytest.mark.parametrize("completion,reward", [
+    ("#### 18", 1.0), ("#### 18 dollars", 1.0), ("#### $18", 1.0), ("#### $18.00", 1.0), ("####18", 1.0),
+    ("The answer is \\boxed{18}.", 1.0), ("$\\boxed{\\$18}$", 1.0), ("She makes 9 * 2 = $18 every day.", 1.0),
+    ("\\boxed{18}\n#### 18", 1.0), ("#### 18\n#### 18", 1.0),
+    ("#### 17", 0.0), ("#### 18 or 17", 0.0), ("\\boxed{17} or \\boxed{18}", 0.0), ("\\boxed{18} or \\boxed{17}", 0.0),
+    ("\\boxed{17}\n#### 18", 0.0), ("#### 18\n#### 17", 0.0), ("#### eighteen", 0.0), ("", 0.0),
+    ("18 or 17", 0.0), ("\\boxed{}", 0.0), ("#### ", 0.0), ("#### -18", 0.0),
+])
+def test_gsm8k_answer_formats(completion, reward):
+    """22 ways a model writes (or hedges) the answer to GSM8K's first test problem (gold: 18)."""
+    assert MathVerifier().score(completion, "Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n#### 18") == reward

@@ -41,12 +41,29 @@ class SyncStats:
         return self.num_bytes / 1e9 / max(self.seconds, 1e-9)
 
 
-def sync_in_buckets(named_tensors, limit_bytes: int, push) -> SyncStats:
+PACKED_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+"""HF projection -> the fused vLLM module it loads into (vLLM's `packed_modules_mapping` for the
+Llama/Qwen2/Qwen3 models we sync; tests/test_rollout_engine.py checks it against vLLM's own)."""
+
+
+def sync_unit(hf_name: str) -> str:
+    """The engine parameter a tensor loads into (q/k/v_proj.weight -> qkv_proj.weight): the tensors of
+    one unit always travel in one bucket."""
+    module, _, param = hf_name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{PACKED_MODULES.get(leaf, leaf)}.{param}" if parent else hf_name
+
+
+def sync_in_buckets(named_tensors, limit_bytes: float, push) -> SyncStats:
     """Feed (name, tensor) pairs to `push(bucket)` in buckets of about `limit_bytes`; time it all.
 
-    Shared by the in-process engine and the server pool: only the transport (`push`) differs.
+    A bucket is closed only between sync units (`sync_unit`: q/k/v, gate/up), never inside one, so a
+    bucket is never smaller than one engine parameter's full set of sources; a unit that comes back
+    after its bucket was closed is an error (the stream must keep each unit together). Shared by the
+    in-process engine and the server pool: only the transport (`push`) differs.
     """
-    stats, bucket, size = SyncStats(), [], 0
+    stats, bucket, size, unit, closed = SyncStats(), [], 0, None, set()
     start = time.perf_counter()
 
     def flush():
@@ -56,11 +73,19 @@ def sync_in_buckets(named_tensors, limit_bytes: int, push) -> SyncStats:
         stats.buckets += 1
 
     for name, tensor in named_tensors:
+        this = sync_unit(name)
+        if this != unit:
+            if this in closed:
+                raise RuntimeError(f"weight sync: {name} arrives after other tensors of {this}'s unit were "
+                                   f"already sent: the weight stream must keep each unit together")
+            if unit is not None:
+                closed.add(unit)
+            if size >= limit_bytes:
+                flush()
+                bucket, size = [], 0
+            unit = this
         bucket.append((name, tensor.contiguous()))
         size += tensor.numel() * tensor.element_size()
-        if size >= limit_bytes:
-            flush()
-            bucket, size = [], 0
     if bucket:
         flush()
     stats.seconds = time.perf_counter() - start
@@ -111,15 +136,18 @@ class LocalEngine:
         yield from enumerate(self.generate(prompts, n, **kwargs))
 
     def load_weights(self, named_tensors) -> SyncStats:
-        """Load (HF name, tensor) pairs in place, in buckets of `weight_sync_bucket_mb`, then drop the
-        prefix cache (its KV entries were computed with the old weights)."""
+        """Load (HF name, tensor) pairs in place, in buckets of `weight_sync_bucket_mb` inside one reload
+        session (checked: every parameter loaded whole, tied heads refreshed), then drop the prefix
+        cache (its KV entries were computed with the old weights)."""
         start = time.perf_counter()
+        self.llm.collective_rpc("gift_begin_sync")
         push = lambda bucket: self.llm.collective_rpc("gift_load_tensors", args=(bucket,))  # noqa: E731
         stats = sync_in_buckets(named_tensors, self.rollout.weight_sync_bucket_mb * 2**20, push)
+        stats.extra = self.llm.collective_rpc("gift_finish_sync")[0]
         self.llm.reset_prefix_cache()
         stats.seconds = time.perf_counter() - start
         log.debug("weight sync: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", stats.num_tensors, stats.num_bytes / 1e6,
-                 stats.seconds, stats.gb_per_s)
+                  stats.seconds, stats.gb_per_s)
         return stats
 
     def checksum(self) -> str:

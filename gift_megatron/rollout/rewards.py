@@ -24,36 +24,56 @@ from gift_megatron.config import RewardConfig
 from gift_megatron.rollout.tasks import Sample, exact_answer_reward
 
 log = logging.getLogger(__name__)
-_GSM8K = re.compile(r"####\s*([^\n]+)")
+_GSM8K = re.compile(r"####[ \t]*([^\n]*)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 _BOXED = "\\boxed"
 
 
+def _boxed_contents(text: str) -> list[str]:
+    """The content of every \\boxed{...} (nested braces allowed), in order; unbalanced ones are skipped."""
+    out, start = [], text.find(_BOXED + "{")
+    while start >= 0:
+        i, depth = start + len(_BOXED) + 1, 1
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                out.append(text[i:j])
+                break
+        start = text.find(_BOXED + "{", start + 1)
+    return out
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    """Content of the last \\boxed{...} (nested braces allowed), or None (none, or the last unbalanced)."""
     start = text.rfind(_BOXED + "{")
-    if start < 0:
-        return None
-    i, depth = start + len(_BOXED) + 1, 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None  # unbalanced: malformed
+    boxes = _boxed_contents(text[start:]) if start >= 0 else []
+    return boxes[0] if boxes else None
+
+
+def _gsm8k_answer(line: str) -> str:
+    """What follows '####': its one number ('18 dollars' -> '18', '$1,234' -> '1234'); LaTeX, words, or
+    several numbers ('18 or 17': a hedge) as written, for the verifier to parse or reject."""
+    line = line.strip()
+    numbers = {n.replace(",", "") for n in _NUMBER.findall(line)}
+    return numbers.pop() if len(numbers) == 1 and "\\" not in line else line
+
+
+def final_answers(text: str, last_number: bool = True) -> list[str]:
+    """Every final answer a solution states: each '#### N' and each \\boxed{}; when it states none
+    (and `last_number`), its last number. Several that differ are a hedge, not an answer."""
+    stated = [_gsm8k_answer(m) for m in _GSM8K.findall(text)] + [b.strip() for b in _boxed_contents(text)]
+    stated = [a for a in stated if a]
+    if stated or not last_number:
+        return stated
+    numbers = _NUMBER.findall(text)
+    return [numbers[-1].replace(",", "")] if numbers else []
 
 
 def extract_answer(text: str, last_number: bool = True) -> str | None:
-    """The final answer of a solution: GSM8K's '#### N', else the last \\boxed{}, else (if
-    `last_number`) the last number in the text."""
-    m = _GSM8K.findall(text)
-    if m:
-        return m[-1].strip().replace(",", "")
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    if not last_number:
-        return None
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    return numbers[-1].replace(",", "") if numbers else None
+    """The one final answer of a solution (see `final_answers`); None when it states none, or
+    several that differ as written (the verifier compares those mathematically)."""
+    answers = set(final_answers(text, last_number))
+    return answers.pop() if len(answers) == 1 else None
 
 
 class MathVerifier:
@@ -64,20 +84,26 @@ class MathVerifier:
         logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without timeouts
 
     def score(self, completion: str, reference: str) -> float:
+        """Correct only if the completion states at least one final answer and every one it states
+        equals the reference: hedging ('\\boxed{A} or \\boxed{B}') scores as wrong."""
         from math_verify import parse, verify
 
-        answer = extract_answer(completion[-self.max_chars:])
+        answers = final_answers(completion[-self.max_chars:])
         gold = extract_answer(reference, last_number=False) or reference.strip()  # a bare reference is the answer
-        if answer is None:
+        if not answers:
             return self.wrong
         main = threading.current_thread() is threading.main_thread()
         timeout = self.timeout_s if main else None
-        try:
-            ok = verify(parse(f"${gold}$", parsing_timeout=timeout), parse(f"${answer}$", parsing_timeout=timeout),
-                        timeout_seconds=timeout)
-        except Exception:  # math-verify raises on unparsable input or a timeout: not a correct answer
-            ok = False
-        return self.correct if ok else self.wrong
+        gold_parsed = None
+        for answer in dict.fromkeys(answers):  # each distinct one, in order
+            try:
+                gold_parsed = gold_parsed or parse(f"${gold}$", parsing_timeout=timeout)
+                ok = verify(gold_parsed, parse(f"${answer}$", parsing_timeout=timeout), timeout_seconds=timeout)
+            except Exception:  # math-verify raises on unparsable input or a timeout: not a correct answer
+                ok = False
+            if not ok:
+                return self.wrong
+        return self.correct
 
     def score_batch(self, completions: Sequence[str], references: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.score(c, r) for c, r in zip(completions, references)], dtype=torch.float32)

@@ -220,13 +220,18 @@ class ServerPool:
             raise ServerError(f"every vLLM server failed ({', '.join(self.urls)})")
 
     def load_weights(self, named_tensors) -> SyncStats:
-        """Every server loads every bucket in place; then their prefix caches are dropped."""
+        """Every server loads every bucket in place inside one reload session (checked: every parameter
+        loaded whole, tied heads refreshed); then their prefix caches are dropped."""
         start = time.perf_counter()
         if self.transfer is not None:
             stats = SyncStats(buckets=1)
             stats.num_tensors, stats.num_bytes = self.transfer.send(named_tensors)
+            if self.transfer.backend == "nccl":  # vLLM's own engine: rebuild tied heads' kernels (GPU: a no-op)
+                self._on_every_server(lambda url: self._rpc(url, "gift_refresh_tied"))
         else:
+            self._on_every_server(lambda url: self._rpc(url, "gift_begin_sync"))
             stats = sync_in_buckets(named_tensors, self.rollout.weight_sync_bucket_mb * 2**20, self._push)
+            self._on_every_server(lambda url: self._rpc(url, "gift_finish_sync"))
         self._on_every_server(lambda url: self._post(url, "/reset_prefix_cache", {}))
         if self.rollout.checksum_after_sync:
             sums = dict(zip(self.alive, self.checksums()))
@@ -235,7 +240,7 @@ class ServerPool:
                                   f"a sync was partial; restart the servers")
         stats.seconds = time.perf_counter() - start
         log.debug("weight sync to %d servers: %d tensors, %.1f MB in %.3f s (%.2f GB/s)", len(self.alive),
-                 stats.num_tensors, stats.num_bytes / 1e6, stats.seconds, stats.gb_per_s)
+                  stats.num_tensors, stats.num_bytes / 1e6, stats.seconds, stats.gb_per_s)
         return stats
 
     def _push(self, bucket: list) -> None:

@@ -96,7 +96,7 @@ def register() -> None:
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.group = self.store = None
+            self.group = self.store = self.session = None
 
         def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
             pc = self.parallel_config
@@ -105,14 +105,13 @@ def register() -> None:
                                                  init_info.world_size, init_info.timeout_s)
 
         def start_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+            from gift_megatron.rollout.reload import ReloadSession
 
-            initialize_layerwise_reload(self.model)
+            self.session = ReloadSession(self.model, self.model_config)
 
         def finish_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
-            finalize_layerwise_reload(self.model, self.model_config)
+            session, self.session = self.session, None
+            session.finish()  # raises, naming them, if any parameter was left stale or partly loaded
 
         def receive_weights(self, update_info) -> None:
             if self.group is None:
@@ -120,7 +119,7 @@ def register() -> None:
             for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
                 weight = torch.empty(shape, dtype=getattr(torch, dtype_name))
                 _broadcast(self.group, weight)
-                self.model.load_weights([(name, weight.to(self.device))])
+                self.session.load([(name, weight.to(self.device))])
 
         def shutdown(self) -> None:
             self.group = self.store = None
