@@ -87,6 +87,13 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"model.num_query_groups={self.num_query_groups}: set num_query_groups to a divisor of it"
             )
+        # The HF family fixes these tensors; a mismatch would leave engine weights unsynced (conversion and
+        # weight sync map by the family's names).
+        if self.arch == "qwen2" and not self.add_qkv_bias:
+            raise ValueError("model.arch=qwen2 has QKV biases (every Qwen2/2.5 model does): "
+                             "set model.add_qkv_bias=true")
+        if self.arch == "qwen3" and not self.qk_layernorm:
+            raise ValueError("model.arch=qwen3 has QK-norm (every Qwen3 model does): set model.qk_layernorm=true")
         if self.fp8 and self.transformer_impl == "local":
             raise ValueError("model.fp8 needs Transformer Engine: set model.transformer_impl=auto or "
                              "transformer_engine (on a GPU machine with transformer-engine), or model.fp8=null")

@@ -17,6 +17,7 @@ COMPANIONS = {
     ("experiment", "qwen2.5_32b_gift"): ["data.path=/data/prompts.jsonl", "data.tokenizer=/models/qwen"],
     ("parallel", "tp8_pp2_dp2"): ["model=qwen2.5_32b", "device=cuda", "algo.group_size=16", "rollout=vllm_servers"],
     ("parallel", "tp2"): ["rollout=vllm_servers"],
+    ("experiment", "hf_math"): ["data.path=/data/gsm8k.jsonl", "model.hf_path=/ckpt/m/hf"],
 }
 
 
@@ -121,6 +122,14 @@ ERRORS = [
     (["optim.min_lr=1"], "optim.min_lr=1.0 exceeds optim.lr"),
     (["optim.lr_decay_style=step"], "optim.lr_decay_style='step' is not supported"),
     (["device=tpu"], ".device='tpu' is not supported"),
+    (["model.arch=qwen2"], "model.arch=qwen2 has QKV biases (every Qwen2/2.5 model does): set model.add_qkv_bias"),
+    (["model.arch=qwen3"], "model.arch=qwen3 has QK-norm (every Qwen3 model does): set model.qk_layernorm=true"),
+    (["log_level=LOUD"], ".log_level='LOUD' is not supported"),
+    (["eval_every=0"], ".eval_every=0 must be > 0"),
+    (["eval_num_samples=1"], "eval_num_samples=1: use 0 (greedy only) or k >= 2"),
+    (["rollout.weight_sync_bucket_mb=0"], "rollout.weight_sync_bucket_mb=0.0 must be > 0"),
+    (["rollout.max_logprob_mismatch=-1"], "rollout.max_logprob_mismatch=-1.0 must be > 0"),
+    (["rollout.mismatch_patience=0"], "rollout.mismatch_patience=0 must be > 0"),
 ]
 
 
@@ -129,3 +138,30 @@ def test_config_errors_name_field_and_fix(overrides, message):
     with pytest.raises(ValueError) as err:
         compose_config(*overrides)
     assert message in str(err.value)
+
+
+def test_model_preset_replaces_the_model_group_and_overrides_still_win(tmp_path):
+    """`model_preset=OUT/model.yaml` (tools/hf_to_mcore.py) is usable directly; `model.x=` still wins."""
+    from gift_megatron.config import ModelConfig, apply_model_preset
+    from gift_megatron.megatron.conversion import write_preset
+
+    preset = tmp_path / "model.yaml"
+    write_preset(ModelConfig(name="converted", num_layers=3, hidden_size=256, kv_channels=64, vocab_size=500,
+                             untie_embeddings_and_output_weights=False, hf_path="/ckpt/m/hf"), preset)
+    overrides = [f"model_preset={preset}", "model.num_layers=4"]
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = to_config(apply_model_preset(compose("config", overrides=overrides), overrides))
+    m = cfg.model
+    assert (m.name, m.num_layers, m.hidden_size, m.vocab_size, m.untie_embeddings_and_output_weights) == (
+        "converted", 4, 256, 500, False)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        missing = compose("config", overrides=["model_preset=/nowhere/model.yaml"])
+    with pytest.raises(ValueError, match="model_preset=/nowhere/model.yaml: no such file"):
+        apply_model_preset(missing, [])
+
+
+def test_hf_math_experiment_takes_the_converted_models_tokenizer():
+    cfg = compose_config("experiment=hf_math", "data.path=/d.jsonl", "model.hf_path=/ckpt/m/hf")
+    assert cfg.data.tokenizer == "/ckpt/m/hf" and cfg.data.use_chat_template and cfg.data.num_eval_prompts == 0
+    assert cfg.rollout.max_new_tokens >= 256 and cfg.parallel.micro_batch_size == cfg.algo.group_size

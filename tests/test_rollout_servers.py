@@ -20,7 +20,7 @@ def servers(tmp_path_factory):
     and stall the last (the tests run in file order)."""
     root = tmp_path_factory.mktemp("servers")
     _write_random_hf(root / "hf", seed=3)
-    rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=1, request_timeout_s=60)
+    rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=0.1, request_timeout_s=60)
     started, ports = [], []
     try:
         for _ in range(3):
@@ -88,7 +88,7 @@ def test_a_server_killed_mid_sync_is_never_used_half_synced(servers):
     survivor, victim = started[0], started[1]
     weights = _weights()
     scaled = {k: v * 0.5 for k, v in weights.items()}  # differ from what the servers hold now
-    rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=1, request_timeout_s=60,
+    rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=0.1, request_timeout_s=60,
                             on_server_failure="failover", checksum_after_sync=True)
     pool = ServerPool([survivor.url, victim.url], rollout)
     push, pushed = pool._push, []

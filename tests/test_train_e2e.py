@@ -99,3 +99,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(runs):
     last = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     saved = sorted((run_dir / "checkpoints").glob("step_*"))
     assert saved and int(saved[-1].name.split("_")[1]) >= last >= 3
+
+
+def test_a_logprob_mismatch_stops_the_run(runs):
+    """The alarm is a stop, not a log line: with a threshold below fp32 noise every checked step trips
+    it; the first warns, the second (mismatch_patience=2) stops the run before its update, naming the
+    likely causes. (The correct-sync runs above stay under the default 1e-3 by four orders.)"""
+    run_dir = runs / "alarm"
+    cmd = [sys.executable, "-m", "gift_megatron.train", f"run_dir={run_dir}", "num_steps=5", "eval_every=100",
+           "save_every=100", "rollout.max_logprob_mismatch=1e-12", "rollout.mismatch_patience=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "1 of 2 checked steps in a row before the run stops" in proc.stderr, explain(proc)
+    assert "MismatchError: step 1: the engine's log-probs differ from the trainer's" in proc.stderr, explain(proc)
+    assert "a tied LM head, a fused qkv/gate_up split across buckets" in proc.stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]  # step 0's eval, the warned step 1; the run stopped inside step 2, before its update

@@ -16,7 +16,10 @@ from gift_megatron.launch import free_port
 from tests.procs import explain
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["num_steps=3", "eval_every=3", "save_every=3", "rollout=vllm_servers", "rollout.num_servers=1"]
+SHORT = ["num_steps=3", "eval_every=3", "save_every=3", "rollout=vllm_servers", "rollout.num_servers=1",
+         # real structures: a tied head, GQA, and sync buckets (50 kB) smaller than every fused qkv/gate_up
+         "model.untie_embeddings_and_output_weights=false", "model.num_query_groups=2",
+         "rollout.weight_sync_bucket_mb=0.05"]
 
 
 def train(run_dir: Path, *overrides: str, ranks: int = 1) -> list[dict]:

@@ -24,7 +24,7 @@ _SHAPE = dict(num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_
               kv_channels=32, vocab_size=64, make_vocab_size_divisible_by=1, max_position_embeddings=64)
 MODELS = {
     "llama-untied": ModelConfig(**_SHAPE, arch="llama", untie_embeddings_and_output_weights=True),
-    "qwen2-tied": ModelConfig(**_SHAPE, arch="qwen2", untie_embeddings_and_output_weights=False),  # + QKV bias
+    "qwen2-tied": ModelConfig(**_SHAPE, arch="qwen2", add_qkv_bias=True, untie_embeddings_and_output_weights=False),
 }
 PROMPTS = [[1, 5, 7, 9], [2, 3], [4, 4, 8, 15, 16, 23, 42]]
 G, MAX_NEW = 4, 8
