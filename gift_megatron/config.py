@@ -247,7 +247,8 @@ class RolloutConfig:
     """Alarm: a verified step whose mean |engine - trainer| log-prob per response token exceeds this
     warns, and `mismatch_patience` such steps in a row stop the run (the engine is not sampling from
     the trainer's weights). None: by model.params_dtype, 1e-3 for float32 (measured 1e-7 to 1e-5
-    with correct syncs, 1.6e-2 with a stale tied head), 5e-2 for bf16/fp16 (README, weight sync)."""
+    with correct syncs, 1.6e-2 with a stale tied head), 1e-1 for bf16/fp16 (measured 5e-3 to 3.5e-2
+    on CPU kernels; README, weight sync)."""
     mismatch_patience: int = 3
     weight_transfer_address: str | None = None
     """nccl/gloo: the address of trainer rank 0 that server workers connect to (default: MASTER_ADDR,

@@ -25,6 +25,21 @@ register_configs()
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works for the console script too
 
 
+def quiet_third_party(level: str) -> None:
+    """Below `level` (log_level), only our own records reach Hydra's handlers: megatron, vLLM and
+    transformers INFO lines (parameter lists, kernel notes, some set on loggers with their own level)
+    drown the progress bar. Python warnings go through logging too, so they print above the bar."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)  # vLLM's own handler: it reads this at import
+    threshold = logging.getLevelName(level)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= threshold or record.name.startswith(("gift_megatron", "__main__"))
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(keep)
+    logging.captureWarnings(True)
+
+
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(dict_cfg: DictConfig) -> dict:
     from gift_megatron.build import build
@@ -36,9 +51,7 @@ def main(dict_cfg: DictConfig) -> dict:
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         dict_cfg.run_dir = hc.runtime.output_dir  # each sweep job its own run folder
     cfg = to_config(apply_model_preset(dict_cfg, list(hc.overrides.task)))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)  # vLLM sets its level from it at import
-    for noisy in ("megatron", "vllm", "transformers", "torch.distributed"):  # their INFO drowns the bar
-        logging.getLogger(noisy).setLevel(cfg.log_level)
+    quiet_third_party(cfg.log_level)
     components = build(cfg)
     try:
         maybe_resume(components)

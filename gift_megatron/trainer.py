@@ -411,7 +411,8 @@ def run(c: Components) -> dict[str, float]:
         _log(c, evaluate(c))
     bar = tqdm(total=cfg.num_steps, initial=c.step, desc=f"{cfg.algo.name}", unit="step", disable=not c.rank0)
     try:
-        with logging_redirect_tqdm():  # log lines print above the bar instead of breaking it
+        # log lines (ours, and vLLM's own handler's) print above the bar instead of breaking it
+        with logging_redirect_tqdm([logging.getLogger(), logging.getLogger("vllm")]):
             _loop(c, bar, evals_on)
     except KeyboardInterrupt:
         if dist.get_world_size() > 1:

@@ -115,3 +115,10 @@ def test_a_logprob_mismatch_stops_the_run(runs):
     assert "a tied LM head, a fused qkv/gate_up split across buckets" in proc.stderr
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1]  # step 0's eval, the warned step 1; the run stopped inside step 2, before its update
+    # log_level=WARNING (default): no third-party INFO, no per-sync reload notes, no vLLM-CPU noise
+    output = proc.stdout + proc.stderr
+    import re
+
+    assert not re.search(r"\]\[(megatron|vllm|transformers)[^\]]*\]\[INFO\]", output), output[-3000:]
+    for noise in ("Failed to load weights", "Chat template warmup failed", "Using None for EOS token id"):
+        assert noise not in output, noise

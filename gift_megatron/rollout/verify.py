@@ -21,7 +21,7 @@ def logprob_mismatch(engine_logp_BT: torch.Tensor, trainer_logp_BT: torch.Tensor
     return summarize(mismatch_stats(engine_logp_BT, trainer_logp_BT, mask_BT))
 
 
-DEFAULT_MAX_MISMATCH = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+DEFAULT_MAX_MISMATCH = {"float32": 1e-3, "bfloat16": 1e-1, "float16": 1e-1}
 """rollout.max_logprob_mismatch when unset, by model.params_dtype: the mean |engine - trainer| per
 response token above which the engine is taken to sample from other weights than the trainer's
 (README, "Weight sync"; docs/reliability.md)."""
