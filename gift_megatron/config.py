@@ -389,6 +389,7 @@ class Config:
     """k > 1: each eval also samples k answers per prompt and logs eval_avg@k and eval_pass@k."""
     save_every: int = 50
     keep_last_checkpoints: int = 2
+    """The newest N checkpoints stay (>= 1)."""
     run_dir: str = "runs/default"
     model_preset: str | None = None
     """A model.yaml written by tools/hf_to_mcore.py (or a run's): replaces the model/ group; `model.x=...`
@@ -399,11 +400,13 @@ class Config:
     def __post_init__(self) -> None:
         _one_of("", "device", self.device, ("auto", "cpu", "cuda"))
         _one_of("", "log_level", self.log_level, ("WARNING", "INFO", "DEBUG"))
-        _positive("", eval_every=self.eval_every)
+        _positive("", eval_every=self.eval_every, save_every=self.save_every, num_steps=self.num_steps,
+                  keep_last_checkpoints=self.keep_last_checkpoints)
         if self.eval_num_samples < 0 or self.eval_num_samples == 1:
             raise ValueError(f"eval_num_samples={self.eval_num_samples}: use 0 (greedy only) or k >= 2 (avg@k, pass@k)")
         _check_layout(self)
         _check_rollout(self)
+        _check_context(self)
 
 
 def _check_layout(cfg: Config) -> None:
@@ -454,6 +457,15 @@ def _check_rollout(cfg: Config) -> None:
             raise ValueError("rollout.weight_sync=nccl needs GPUs: use gloo (same transfer API) or files on CPU")
         if cfg.model.fp8:
             raise ValueError("model.fp8 needs a GPU with Transformer Engine: set model.fp8=null on CPU")
+
+
+def _check_context(cfg: Config) -> None:
+    """A prompt and its response must fit the model's context (the engine's max_model_len)."""
+    need = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    if need > cfg.model.max_position_embeddings:
+        raise ValueError(f"data.max_prompt_length={cfg.data.max_prompt_length} + rollout.max_new_tokens="
+                         f"{cfg.rollout.max_new_tokens} = {need} exceeds the model's context, "
+                         f"model.max_position_embeddings={cfg.model.max_position_embeddings}: lower one of them")
 
 
 def _cuda_available() -> bool:

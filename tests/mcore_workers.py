@@ -39,8 +39,9 @@ def make_config(world, tp=1, pp=1, vpp=None, num_micro_batches=1, algo="gift", m
         parallel=ParallelConfig(world_size=world, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp,
                                 micro_batch_size=P * G // dp // num_micro_batches),
-        algo=algo_cfg, data=DataConfig(num_prompts_per_step=P), optim=OptimConfig(lr=lr, clip_grad=1.0),
-        rollout=RolloutConfig(engine="vllm_server"), device="cpu",  # (several trainer ranks need servers)
+        algo=algo_cfg, data=DataConfig(num_prompts_per_step=P, max_prompt_length=PROMPT_LEN),
+        optim=OptimConfig(lr=lr, clip_grad=1.0), device="cpu",
+        rollout=RolloutConfig(engine="vllm_server", max_new_tokens=S - PROMPT_LEN),  # (several ranks need servers)
     )
 
 

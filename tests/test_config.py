@@ -13,11 +13,12 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 # Options that only make sense with others (a 32-GPU layout needs a model that it divides).
 COMPANIONS = {
-    ("data", "gsm8k_jsonl"): ["data.path=/data/prompts.jsonl", "data.tokenizer=/models/qwen"],
+    ("data", "gsm8k_jsonl"): ["data.path=/data/prompts.jsonl", "data.tokenizer=/models/qwen", "model=qwen2.5_7b"],
     ("experiment", "qwen2.5_32b_gift"): ["data.path=/data/prompts.jsonl", "data.tokenizer=/models/qwen"],
     ("parallel", "tp8_pp2_dp2"): ["model=qwen2.5_32b", "device=cuda", "algo.group_size=16", "rollout=vllm_servers"],
     ("parallel", "tp2"): ["rollout=vllm_servers"],
-    ("experiment", "hf_math"): ["data.path=/data/gsm8k.jsonl", "model.hf_path=/ckpt/m/hf"],
+    ("experiment", "hf_math"): ["data.path=/data/gsm8k.jsonl", "model.hf_path=/ckpt/m/hf",
+                                "model.max_position_embeddings=8192"],
 }
 
 
@@ -125,6 +126,12 @@ ERRORS = [
     (["model.arch=qwen2"], "model.arch=qwen2 has QKV biases (every Qwen2/2.5 model does): set model.add_qkv_bias"),
     (["model.arch=qwen3"], "model.arch=qwen3 has QK-norm (every Qwen3 model does): set model.qk_layernorm=true"),
     (["log_level=LOUD"], ".log_level='LOUD' is not supported"),
+    (["keep_last_checkpoints=-1"], ".keep_last_checkpoints=-1 must be > 0"),
+    (["keep_last_checkpoints=0"], ".keep_last_checkpoints=0 must be > 0"),
+    (["save_every=0"], ".save_every=0 must be > 0"),
+    (["num_steps=-5"], ".num_steps=-5 must be > 0"),
+    (["data.max_prompt_length=60"], "data.max_prompt_length=60 + rollout.max_new_tokens=6 = 66 exceeds the model's "
+                                     "context, model.max_position_embeddings=64: lower one of them"),
     (["eval_every=0"], ".eval_every=0 must be > 0"),
     (["eval_num_samples=1"], "eval_num_samples=1: use 0 (greedy only) or k >= 2"),
     (["rollout.weight_sync_bucket_mb=0"], "rollout.weight_sync_bucket_mb=0.0 must be > 0"),
@@ -162,6 +169,7 @@ def test_model_preset_replaces_the_model_group_and_overrides_still_win(tmp_path)
 
 
 def test_hf_math_experiment_takes_the_converted_models_tokenizer():
-    cfg = compose_config("experiment=hf_math", "data.path=/d.jsonl", "model.hf_path=/ckpt/m/hf")
+    cfg = compose_config("experiment=hf_math", "data.path=/d.jsonl", "model.hf_path=/ckpt/m/hf",
+                         "model.max_position_embeddings=2048")
     assert cfg.data.tokenizer == "/ckpt/m/hf" and cfg.data.use_chat_template and cfg.data.num_eval_prompts == 0
     assert cfg.rollout.max_new_tokens >= 256 and cfg.parallel.micro_batch_size == cfg.algo.group_size

@@ -66,6 +66,14 @@ def test_missing_file_is_named(tmp_path, tokenizer):
         load_prompts(tmp_path / "nope.jsonl", tokenizer)
 
 
+def test_empty_file_says_it_has_no_rows(tmp_path, tokenizer):
+    """An empty file used to be reported as "raise max_prompt_length"."""
+    for name, content in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=f"data.path=.*{name} has no rows"):
+            load_prompts(tmp_path / name, tokenizer)
+
+
 def test_sampler_is_deterministic_covers_epochs_and_resumes():
     a = PromptSampler(10, seed=3)
     first = a.next(4) + a.next(4) + a.next(4)  # crosses into the second epoch

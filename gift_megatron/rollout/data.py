@@ -66,6 +66,8 @@ def load_prompts(path: str | Path, tokenizer, *, prompt_field: str = "prompt", a
         raise ValueError(f"data.path={path} does not exist")
     prompts, too_long = [], 0
     rows = _rows(path)
+    if not rows:
+        raise ValueError(f"data.path={path} has no rows: give a JSONL/Parquet file with one prompt per row")
     for row, record in rows:
         text = _field(path, row, record, prompt_field)
         if not text.strip():
