@@ -129,6 +129,9 @@ def init_weights(cfg: Config, run_dir: Path, task: TaskData | None, on_gpu: bool
         return Path(cfg.model.init_checkpoint)
     if cfg.data.warmup_max_steps == 0:
         return None
+    if task is not None and not task.eval:
+        raise ValueError("the supervised warm-up stops at a held-out accuracy, but there are no held-out prompts: "
+                         "set data.num_eval_prompts > 0 (or data.eval_path), or start from model.init_checkpoint")
     path = warmup_cache_path(cfg, Path(cfg.data.warmup_cache_dir or run_dir.parent / ".warmup_cache"))
     if dist.get_rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

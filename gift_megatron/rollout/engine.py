@@ -44,7 +44,7 @@ class SyncStats:
 PACKED_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                   "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 """HF projection -> the fused vLLM module it loads into (vLLM's `packed_modules_mapping` for the
-Llama/Qwen2/Qwen3 models we sync; tests/test_rollout_engine.py checks it against vLLM's own)."""
+Llama/Qwen2/Qwen3 models we sync; tests/test_weight_sync.py checks it against vLLM's own)."""
 
 
 def sync_unit(hf_name: str) -> str:
