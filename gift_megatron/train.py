@@ -42,6 +42,7 @@ def quiet_third_party(level: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(dict_cfg: DictConfig) -> dict:
+    quiet_third_party(dict_cfg.log_level)  # before megatron's import: it logs INFO lines as it loads
     from gift_megatron.build import build
     from gift_megatron.trainer import Preempted, StopFlag, close, maybe_resume, run
 
@@ -51,7 +52,6 @@ def main(dict_cfg: DictConfig) -> dict:
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         dict_cfg.run_dir = hc.runtime.output_dir  # each sweep job its own run folder
     cfg = to_config(apply_model_preset(dict_cfg, list(hc.overrides.task)))
-    quiet_third_party(cfg.log_level)
     components = build(cfg)
     try:
         maybe_resume(components)

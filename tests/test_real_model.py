@@ -21,7 +21,7 @@ from gift_megatron.launch import run_distributed
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "gsm8k_test_head.jsonl"
 CACHE = ROOT / "runs" / ".test_cache"
-MAX_NEW = 24
+MAX_NEW = 16
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -111,7 +111,7 @@ def test_real_model_gift_steps_sync_and_export(smollm2_hf, tmp_path):
     terms = f"[{{kind:math_verify}},{{kind:reward_model,path:{tmp_path / 'rm'},weight:1.0}}]"
     _run([sys.executable, "-m", "gift_megatron.train", "experiment=hf_math", f"model_preset={mc / 'model.yaml'}",
           f"data.path={DATA}", f"run_dir={run_dir}", "num_steps=2", f"rollout.max_new_tokens={MAX_NEW}",
-          "data.num_prompts_per_step=2", "data.num_eval_prompts=2", "eval_every=2", "eval_num_samples=2",
+          "data.num_prompts_per_step=1", "data.num_eval_prompts=2", "eval_every=2", "eval_num_samples=2",
           "optim.lr=1e-5", f"reward.terms={terms}"], timeout=900)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, second = rows[1], rows[2]
