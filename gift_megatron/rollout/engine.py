@@ -55,15 +55,23 @@ def sync_unit(hf_name: str) -> str:
     return f"{parent}.{PACKED_MODULES.get(leaf, leaf)}.{param}" if parent else hf_name
 
 
+def _sources(unit: str) -> int:
+    """How many HF tensors an engine parameter is made of (3 for qkv_proj.*, 2 for gate_up_proj.*)."""
+    module = unit.rsplit(".", 2)[-2] if unit.count(".") >= 2 else unit
+    return sum(1 for fused in PACKED_MODULES.values() if fused == module) or 1
+
+
 def sync_in_buckets(named_tensors, limit_bytes: float, push) -> SyncStats:
     """Feed (name, tensor) pairs to `push(bucket)` in buckets of about `limit_bytes`; time it all.
 
-    A bucket is closed only between sync units (`sync_unit`: q/k/v, gate/up), never inside one, so a
-    bucket is never smaller than one engine parameter's full set of sources; a unit that comes back
-    after its bucket was closed is an error (the stream must keep each unit together). Shared by the
-    in-process engine and the server pool: only the transport (`push`) differs.
+    A bucket holds whole sync units only (`sync_unit`: q/k/v together, gate/up together), so it is
+    never smaller than one engine parameter's full set of sources, in whatever order the stream
+    brings them (the trainer's keeps them together; a safetensors file's is alphabetical): the
+    sources of a fused unit wait aside until all have arrived. A unit still incomplete at the end is
+    sent anyway, and the engine's reload session names it. Shared by the in-process engine and the
+    server pool: only the transport (`push`) differs.
     """
-    stats, bucket, size, unit, closed = SyncStats(), [], 0, None, set()
+    stats, bucket, size, pending = SyncStats(), [], 0, {}
     start = time.perf_counter()
 
     def flush():
@@ -72,20 +80,21 @@ def sync_in_buckets(named_tensors, limit_bytes: float, push) -> SyncStats:
         stats.num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         stats.buckets += 1
 
+    def add(unit_tensors):
+        nonlocal bucket, size
+        if bucket and size >= limit_bytes:
+            flush()
+            bucket, size = [], 0
+        bucket += unit_tensors
+        size += sum(t.numel() * t.element_size() for _, t in unit_tensors)
+
     for name, tensor in named_tensors:
-        this = sync_unit(name)
-        if this != unit:
-            if this in closed:
-                raise RuntimeError(f"weight sync: {name} arrives after other tensors of {this}'s unit were "
-                                   f"already sent: the weight stream must keep each unit together")
-            if unit is not None:
-                closed.add(unit)
-            if size >= limit_bytes:
-                flush()
-                bucket, size = [], 0
-            unit = this
-        bucket.append((name, tensor.contiguous()))
-        size += tensor.numel() * tensor.element_size()
+        unit = sync_unit(name)
+        pending.setdefault(unit, []).append((name, tensor.contiguous()))
+        if len(pending[unit]) == _sources(unit):
+            add(pending.pop(unit))
+    for unit_tensors in pending.values():
+        add(unit_tensors)
     if bucket:
         flush()
     stats.seconds = time.perf_counter() - start
