@@ -8,7 +8,7 @@ the rest, and a layer that got nothing keeps its old kernel. Two things follow:
 
 - A session spans every bucket of a sync (`ReloadSession`: begin, load bucket after bucket, finish),
   so where a bucket boundary falls does not matter; the trainer's buckets also never split the
-  sources of one engine parameter (gift_megatron.rollout.engine.sync_units).
+  sources of one engine parameter (gift_megatron.rollout.engine.sync_unit).
 - A tied LM head shares its weight with the input embedding but keeps a kernel of its own on CPU
   (`cpu_linear`, oneDNN-packed at load). It receives no tensor of its own, so the reload leaves that
   kernel stale ("ParallelLMHead: Failed to load weights"). `finish` re-processes every module whose
