@@ -1,15 +1,19 @@
-"""Real vLLM OpenAI servers on 127.0.0.1: generate, sync weights from a TP=2 policy; faults injected:
-a server SIGKILLed mid-generation (under load) and mid-sync, a stalled one, one that cannot start."""
+"""Real vLLM OpenAI servers on 127.0.0.1: generate, sync weights from a TP=2 policy; every request but
+/health needs the job's secret; faults injected: a server SIGKILLed mid-generation (under load) and
+mid-sync, a stalled one, one that cannot start."""
 
 import os
 import signal
 import time
 
+import psutil
 import pytest
+import requests
 import torch
 
 from gift_megatron.config import RolloutConfig
 from gift_megatron.launch import free_port, run_distributed
+from gift_megatron.rollout.auth import SECRET_ENV, bearer, new_secret
 from gift_megatron.rollout.servers import ServerError, ServerPool, VLLMServer, wait_all_ready
 from tests.test_rollout_engine import MAX_NEW, PROMPTS, G, _flatten, _gather_worker, _score_worker, _write_random_hf
 
@@ -21,11 +25,12 @@ def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("servers")
     _write_random_hf(root / "hf", seed=3)
     rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=0.1, request_timeout_s=60)
-    started, ports = [], []
+    started, ports, secret = [], [], new_secret()  # one job secret for all three (the Slurm layout)
     try:
         for _ in range(3):
             ports.append(free_port(8300, exclude=tuple(ports)))
-            started.append(VLLMServer(root / "hf", ports[-1], rollout, seed=0, max_model_len=32, log_dir=root))
+            started.append(VLLMServer(root / "hf", ports[-1], rollout, seed=0, max_model_len=32, log_dir=root,
+                                      secret=secret))
         wait_all_ready(started, timeout_s=240)
         yield started, rollout
     finally:
@@ -44,7 +49,7 @@ def _weights():
 
 def test_generate_sync_and_verify_on_every_server(servers):
     started, rollout = servers
-    pool = ServerPool([s.url for s in started], rollout)
+    pool = ServerPool([s.url for s in started], rollout, secret=started[0].secret)
     before = pool.checksums()
     weights = _weights()
     stats = pool.load_weights(iter(weights.items()))
@@ -63,13 +68,50 @@ def test_generate_sync_and_verify_on_every_server(servers):
     pool.close()
 
 
+# every endpoint our servers expose that changes or reveals state: vLLM's --api-key would guard only /v1
+GUARDED = [("POST", "/v1/completions", {"model": "policy", "prompt": PROMPTS[0], "max_tokens": 2}),
+           ("POST", "/collective_rpc", {"method": "gift_checksum"}),
+           ("POST", "/init_weight_transfer_engine", {"init_info": {}}), ("POST", "/start_weight_update", None),
+           ("POST", "/update_weights", {"update_info": {}}), ("POST", "/finish_weight_update", None),
+           ("POST", "/reset_prefix_cache", None), ("POST", "/pause", None), ("GET", "/v1/models", None),
+           ("GET", "/server_info", None), ("GET", "/metrics", None)]
+
+
+def test_every_request_needs_the_job_secret(servers, monkeypatch):
+    """No bearer secret, a wrong one, or the secret without "Bearer ": 401 on every path, completions and
+    the dev / weight-transfer endpoints alike; /health stays open for readiness probes. The secret reaches
+    the server by environment only: it is in no command line of the server's processes and not in its log."""
+    started, rollout = servers
+    server = started[0]
+    for headers in ({}, bearer(new_secret()), {"Authorization": server.secret}):
+        for method, path, body in GUARDED:
+            r = requests.request(method, server.url + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401, f"{method} {path} with {headers}: HTTP {r.status_code} {r.text[:200]}"
+    assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
+    body = GUARDED[0][2]
+    assert requests.post(server.url + "/v1/completions", json=body, headers=bearer(server.secret),
+                         timeout=60).status_code == 200
+    assert len(ServerPool([server.url], rollout, secret=server.secret).checksums()) == 1  # /collective_rpc
+
+    with pytest.raises(ServerError, match=f"{server.url} refused /collective_rpc \\(HTTP 401\\).*{SECRET_ENV}"):
+        ServerPool([server.url], rollout, secret=new_secret()).checksums()
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"{SECRET_ENV} is not set"):  # servers given by URL need the job's
+        ServerPool([server.url], rollout)
+
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    assert all(server.secret not in " ".join(p.cmdline()) for p in procs)
+    assert psutil.Process(server.proc.pid).environ()[SECRET_ENV] == server.secret  # how it got there
+    assert server.secret not in server.log_path.read_text(errors="replace")
+
+
 def test_a_server_killed_mid_generation_under_load(servers):
     """600 requests (200 groups of G) in flight over 3 servers; one is SIGKILLed after the 20th group.
     failover: every prompt still gets exactly G completions, the dead server is dropped, in bounded time."""
     started, _ = servers
     victim = started[2]
     pool = ServerPool([s.url for s in started], RolloutConfig(
-        max_new_tokens=MAX_NEW, request_timeout_s=60, on_server_failure="failover"))
+        max_new_tokens=MAX_NEW, request_timeout_s=60, on_server_failure="failover"), secret=victim.secret)
     prompts = [PROMPTS[i % len(PROMPTS)] + [1 + i % 50] for i in range(200)]
     t0, got = time.monotonic(), {}
     for k, (i, group) in enumerate(pool.generate_iter(prompts, G)):
@@ -82,7 +124,7 @@ def test_a_server_killed_mid_generation_under_load(servers):
     assert pool.alive == [s.url for s in started[:2]]
     assert time.monotonic() - t0 < 120
     with pytest.raises(ServerError, match=f"vLLM server {victim.url} is unreachable"):  # error mode names it
-        ServerPool([victim.url], servers[1]).generate(PROMPTS, G)
+        ServerPool([victim.url], servers[1], secret=victim.secret).generate(PROMPTS, G)
 
 
 def test_a_server_killed_mid_sync_is_never_used_half_synced(servers):
@@ -94,7 +136,7 @@ def test_a_server_killed_mid_sync_is_never_used_half_synced(servers):
     scaled = {k: v * 0.5 for k, v in weights.items()}  # differ from what the servers hold now
     rollout = RolloutConfig(max_new_tokens=MAX_NEW, weight_sync_bucket_mb=0.1, request_timeout_s=60,
                             on_server_failure="failover", checksum_after_sync=True)
-    pool = ServerPool([survivor.url, victim.url], rollout)
+    pool = ServerPool([survivor.url, victim.url], rollout, secret=victim.secret)
     push, pushed = pool._push, []
 
     def push_then_kill(bucket):  # the fault, injected between two buckets of one sync
@@ -110,7 +152,7 @@ def test_a_server_killed_mid_sync_is_never_used_half_synced(servers):
     pool._push = push
     pool.load_weights(iter(scaled.items()))  # a full sync of the same weights: nothing may change
     assert pool.checksums()[0] == synced
-    strict = ServerPool([victim.url], servers[1])
+    strict = ServerPool([victim.url], servers[1], secret=victim.secret)
     with pytest.raises(ServerError, match="is unreachable"):
         strict.load_weights(iter([("model.norm.weight", torch.ones(128))]))
 
@@ -119,7 +161,7 @@ def test_a_stalled_server_times_out_with_its_name(servers):
     """SIGSTOP: the server accepts connections but never answers; the request deadline names it."""
     started, _ = servers
     stalled = started[0]
-    pool = ServerPool([stalled.url], RolloutConfig(max_new_tokens=MAX_NEW, request_timeout_s=3))
+    pool = ServerPool([stalled.url], RolloutConfig(max_new_tokens=MAX_NEW, request_timeout_s=3), secret=stalled.secret)
     os.kill(stalled.proc.pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()

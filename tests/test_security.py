@@ -1,8 +1,12 @@
 """Security audit of the code itself (AST, not grep): tensors are loaded only with safetensors or
 `torch.load(weights_only=True)`, no pickle crosses a socket (no pickle imports, no object
-collectives), no code from strings; servers bind loopback unless configured."""
+collectives), no code from strings; servers bind loopback unless configured and get their secret by
+environment only; a Slurm server without the job's secret never starts."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,5 +69,26 @@ def test_servers_bind_loopback_unless_configured():
 
     rollout = RolloutConfig()
     assert rollout.host == "127.0.0.1"
-    cmd, _ = server_command("/m", rollout.host, 8100, rollout, seed=0, max_model_len=32)
+    cmd, _ = server_command("/m", rollout.host, 8100, rollout, seed=0, max_model_len=32, secret="s3cr3t" * 8)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_the_server_secret_goes_by_environment_and_guards_every_path():
+    """On the command line it would be visible to every user in `ps`; vLLM's --api-key guards only /v1."""
+    from gift_megatron.config import RolloutConfig
+    from gift_megatron.rollout.auth import SECRET_ENV
+    from gift_megatron.rollout.servers import server_command
+
+    secret = "s3cr3t" * 8
+    cmd, env = server_command("/m", "127.0.0.1", 8100, RolloutConfig(), seed=0, max_model_len=32, secret=secret)
+    assert env[SECRET_ENV] == secret and not any(secret in arg for arg in cmd)
+    assert cmd[cmd.index("--middleware") + 1] == "gift_megatron.rollout.auth.RequireSecret"
+    assert "--api-key" not in cmd
+
+
+def test_a_slurm_server_never_starts_without_the_job_secret(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GIFT_SERVER_SECRET"}
+    proc = subprocess.run([sys.executable, "-m", "gift_megatron.rollout.serve", "--port", "8999", "--",
+                           f"run_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "GIFT_SERVER_SECRET is not set" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "server_model").exists()  # stopped before composing the config

@@ -3,8 +3,10 @@
 Each server is `python -m vllm.entrypoints.openai.api_server` with our worker extension, token ids
 in and out (`--skip-tokenizer-init`), log-probs of the sampled distribution, and vLLM's dev
 endpoints (`VLLM_SERVER_DEV_MODE=1`: /collective_rpc, /reset_prefix_cache). Servers bind 127.0.0.1
-unless `rollout.host` says otherwise. Every request has a timeout; a dead or hung server is named
-in the error, or (`rollout.on_server_failure=failover`) its prompts are retried on the others.
+unless `rollout.host` says otherwise, and refuse (401) every request but /health that lacks the job's
+secret (gift_megatron.rollout.auth: a bearer token, passed to servers by environment only). Every
+request has a timeout; a dead or hung server is named in the error, or
+(`rollout.on_server_failure=failover`) its prompts are retried on the others.
 
 Weight sync: `files` writes safetensors buckets to a folder every server can read (the trainer's
 machine, or a shared filesystem on a cluster), loaded by `gift_load_file` in each worker; only file
@@ -31,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from gift_megatron.config import RolloutConfig
+from gift_megatron.rollout.auth import SECRET_ENV, bearer, new_secret, secret_from_env
 from gift_megatron.rollout.engine import EXTENSION, Completion, SyncStats, sync_in_buckets
 
 log = logging.getLogger(__name__)
@@ -42,18 +45,20 @@ class ServerError(RuntimeError):
 
 
 def server_command(model_dir: str | Path, host: str, port: int, rollout: RolloutConfig, *, seed: int,
-                   max_model_len: int, dtype: str = "float32", transfer_backend: str | None = None,
+                   max_model_len: int, secret: str, dtype: str = "float32", transfer_backend: str | None = None,
                    load_format: str = "auto") -> tuple[list[str], dict[str, str]]:
-    """The vLLM OpenAI server command line and environment, for the trainer's servers and Slurm's."""
+    """The vLLM OpenAI server command line and environment, for the trainer's servers and Slurm's.
+    The secret goes in the environment only (a command line is visible to every user in `ps`)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--dtype", dtype,
            "--max-model-len", str(max_model_len), "--seed", str(seed), "--worker-extension-cls", EXTENSION,
            "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs", "--load-format", load_format,
            "--tensor-parallel-size", str(rollout.tensor_parallel_size),
-           "--gpu-memory-utilization", str(rollout.gpu_memory_utilization)]
+           "--gpu-memory-utilization", str(rollout.gpu_memory_utilization),
+           "--middleware", "gift_megatron.rollout.auth.RequireSecret"]
     if transfer_backend:  # vLLM's weight-transfer endpoints (gift_gloo: registered by our vLLM plugin)
         cmd += ["--weight-transfer-config", json.dumps({"backend": transfer_backend})]
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", **{SECRET_ENV: secret})
     if not torch.cuda.is_available():
         cmd.append("--enforce-eager")
         env.update(VLLM_CPU_KVCACHE_SPACE=str(rollout.cpu_kvcache_space_gib), VLLM_HOST_IP=host)
@@ -64,11 +69,13 @@ class VLLMServer:
     """A server process started by the trainer (local runs and tests); Slurm starts its own."""
 
     def __init__(self, model_dir: str | Path, port: int, rollout: RolloutConfig, *, seed: int, max_model_len: int,
-                 log_dir: str | Path, dtype: str = "float32", transfer_backend: str | None = None) -> None:
+                 log_dir: str | Path, dtype: str = "float32", transfer_backend: str | None = None,
+                 secret: str | None = None) -> None:
         self.url = f"http://{rollout.host}:{port}"
         self.log_path = Path(log_dir) / f"vllm_server_{port}.log"
+        self.secret = secret or os.environ.get(SECRET_ENV) or new_secret()  # the job's, or one of its own
         cmd, env = server_command(model_dir, rollout.host, port, rollout, seed=seed, max_model_len=max_model_len,
-                                  dtype=dtype, transfer_backend=transfer_backend)
+                                  secret=self.secret, dtype=dtype, transfer_backend=transfer_backend)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -107,13 +114,22 @@ def wait_all_ready(servers: list[VLLMServer], timeout_s: float = 300.0) -> None:
 
 
 class ServerPool:
-    """Client for N servers: prompt groups spread round-robin, requests concurrent, failures named."""
+    """Client for N servers: prompt groups spread round-robin, requests concurrent, failures named.
+
+    Every request carries its server's secret: that of a server we started, else `secret`, else the
+    job's GIFT_SERVER_SECRET (servers given by URL without one: a ValueError naming it)."""
 
     def __init__(self, urls: list[str], rollout: RolloutConfig, *, stop_token_ids: list[int] | None = None,
                  sync_dir: str | Path | None = None, owned_servers: list[VLLMServer] | None = None,
-                 transfer=None) -> None:
+                 transfer=None, secret: str | None = None) -> None:
         if not urls:
             raise ValueError("rollout.server_urls is empty and no server was started: give the servers' URLs")
+        owned = {s.url: s.secret for s in owned_servers or []}
+        if any(url not in owned for url in urls) and not secret:
+            secret = secret_from_env()
+        self.headers = {url: bearer(owned.get(url, secret)) for url in urls}
+        if transfer is not None:  # the weight-transfer calls go to the same servers
+            transfer.client.headers = [self.headers[url] for url in transfer.urls]
         self.urls, self.alive = list(urls), list(urls)
         self.rollout, self.stop_token_ids = rollout, stop_token_ids or []
         self.sync_dir = Path(sync_dir or tempfile.mkdtemp(prefix="gift_weight_sync_"))
@@ -140,13 +156,17 @@ class ServerPool:
 
     def _post(self, url: str, path: str, payload: dict, timeout: float | None = None) -> dict:
         try:
-            r = requests.post(f"{url}{path}", json=payload, timeout=timeout or self.rollout.request_timeout_s)
+            r = requests.post(f"{url}{path}", json=payload, headers=self.headers[url],
+                              timeout=timeout or self.rollout.request_timeout_s)
         except requests.Timeout:
             limit = timeout or self.rollout.request_timeout_s
             raise ServerError(f"vLLM server {url} did not answer {path} within {limit:.0f} s "
                               f"(rollout.request_timeout_s)") from None
         except requests.RequestException as e:  # refused, reset, or the connection dropped mid-answer
             raise ServerError(f"vLLM server {url} is unreachable ({type(e).__name__}): is it running?") from None
+        if r.status_code == 401:
+            raise ServerError(f"vLLM server {url} refused {path} (HTTP 401): it was started with another "
+                              f"{SECRET_ENV} than this trainer's")
         if r.status_code != 200:
             raise ServerError(f"vLLM server {url} answered {path} with HTTP {r.status_code}: {r.text[:300]}")
         try:

@@ -1,6 +1,6 @@
 """Weight sync through vLLM's weight-transfer API: a process group shared by the trainer's rank 0 and
 every server worker, driven over HTTP (/init_weight_transfer_engine, /start_weight_update,
-/update_weights, /finish_weight_update).
+/update_weights, /finish_weight_update), each request with the server's bearer secret.
 
 Backends:
 - `nccl` (GPUs): vLLM's own NCCL engines on both sides; tensors are broadcast GPU to GPU.
@@ -197,15 +197,39 @@ class _RoundSource:
             yield name, tensor
 
 
+def _authorized_client(url: str, timeout_s: float):
+    """vLLM's HTTP weight-sync client, sending our servers' bearer secret (`headers`, set by ServerPool)."""
+    import requests
+    from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+
+    class Client(HTTPVLLMWeightSyncClient):
+        def __init__(self, base_url: str, timeout: float) -> None:
+            super().__init__(base_url, timeout)
+            self.headers: dict[str, str] = {}
+
+        def _post(self, path: str, json: dict[str, Any] | None = None) -> None:
+            requests.post(f"{self.base_url}/{path}", json=json, headers=self.headers,
+                          timeout=self.timeout).raise_for_status()
+
+    return Client(url, timeout=timeout_s)
+
+
 class _FanOutClient:
     """vLLM's VLLMWeightSyncClient over several servers: every call goes to all of them at once (the
     workers of all servers block together in the same broadcasts); each server gets its rank offset."""
 
     def __init__(self, urls: list[str], offsets: list[int], timeout_s: float) -> None:
-        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
-
-        self.clients = [HTTPVLLMWeightSyncClient(u, timeout=timeout_s) for u in urls]
+        self.clients = [_authorized_client(u, timeout_s) for u in urls]
         self.offsets = offsets
+
+    @property
+    def headers(self) -> list[dict[str, str]]:
+        return [c.headers for c in self.clients]
+
+    @headers.setter
+    def headers(self, per_server: list[dict[str, str]]) -> None:
+        for client, headers in zip(self.clients, per_server, strict=True):
+            client.headers = headers
 
     def _all(self, call) -> None:
         import requests
