@@ -1,7 +1,8 @@
 """The real slurm/gift_32b.sbatch on a real (local) Slurm cluster: 2 fake nodes on this machine
 (ci/slurm/slurm-ci-up.sh: Debian's Slurm, installed on first use), shrunk only by sbatch options and
-the `slurm_ci_tiny` experiment. Also: preemption (USR1 -> checkpoint -> requeue -> resume), MPI rank
-discovery under `srun --mpi=pmi2`, and a Hydra multirun submitted as Slurm jobs by submitit.
+the `slurm_ci_tiny` experiment. Also: preemption (USR1 -> checkpoint -> requeue -> resume), the servers'
+job secret, MPI rank discovery under `srun --mpi=pmi2`, and a Hydra multirun submitted as Slurm jobs
+by submitit.
 """
 
 import json
@@ -12,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import requests
 
 from tests.procs import explain
 
@@ -40,7 +43,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("slurm_runs")  # one warm-up cache (runs/.warmup_cache) for all jobs
+    return tmp_path_factory.mktemp("slurm_runs")  # jobs share the suite's warm-up cache ($GIFT_WARMUP_CACHE)
 
 
 def submit(runs: Path, name: str, overrides: str) -> tuple[str, Path]:
@@ -82,34 +85,78 @@ def test_sbatch_script_trains_with_a_vllm_server_node(cluster, runs):
     assert (runs / "job_logs" / "server_0.log").exists()
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster, runs):
-    """USR1 to the batch script (what --signal=B:USR1@600 sends before the limit): the trainer ends its
-    step, checkpoints, exits 75; the script requeues the job; the rerun resumes and finishes."""
-    jid, log = submit(runs, "preempted", "num_steps=25 save_every=1000 eval_every=1000")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        path = runs / "preempted" / "metrics.jsonl"
-        if path.exists() and sum("reward" in line for line in path.read_text().splitlines()) >= 3:
-            break
+def _text(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+def _until(ready, deadline: float, what: str) -> None:
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(1)
-    sh("scancel", "--signal=USR1", "--batch", jid)
-    while "requeueing job" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
-        time.sleep(1)
-    # Slurm holds a requeued job for ~2 minutes before it is eligible again: release it now
-    for _ in range(60):
+
+
+def _last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return max([r["step"] for r in rows if "reward" in r], default=0)
+
+
+def _release(jid: str, log: Path, restart: int, deadline: float) -> None:
+    """Slurm holds a requeued job for ~2 minutes before it is eligible again: release it now."""
+    def released() -> bool:
         if "JobState=PENDING" in sh("scontrol", "show", "job", jid):
             sh("scontrol", "update", f"JobId={jid}", "StartTime=now")
-            break
-        time.sleep(1)
+        return f"(restart {restart})" in _text(log)
+    _until(released, deadline, f"restart {restart} of job {jid}")
+
+
+def _server_secret(jid: str) -> str:
+    """The job's secret, read where only its owner can: the environment of the job's vLLM server.
+    Checked on the way: the server refuses a request without it, to the dev endpoints too."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "vllm.entrypoints.openai.api_server" not in " ".join(proc.info["cmdline"] or []):
+                continue
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        if env.get("SLURM_JOB_ID") == jid and env.get("GIFT_SERVER_SECRET"):
+            secret = env["GIFT_SERVER_SECRET"]
+            assert secret not in " ".join(proc.cmdline())
+            rpc = {"method": "gift_checksum"}
+            url = "http://127.0.0.1:8000/collective_rpc"
+            assert requests.post(url, json=rpc, timeout=60).status_code == 401
+            assert requests.post(url, json=rpc, headers={"Authorization": f"Bearer {secret}"},
+                                 timeout=60).status_code == 200
+            return secret
+    raise AssertionError(f"no vLLM server of job {jid} with GIFT_SERVER_SECRET in its environment")
+
+
+def test_preemption_checkpoints_requeues_and_resumes(cluster, runs):
+    """USR1 to the batch script (what --signal=B:USR1@600 sends before the limit): the trainer ends its
+    step, checkpoints, exits 75 and the script reports 75 (srun's --kill-on-bad-exit made it 143); the
+    script requeues the job; the rerun resumes and finishes: every step logged once. The servers refuse
+    requests without the job's secret, and the secret is in no log and no run_dir file."""
+    jid, log = submit(runs, "preempted", "num_steps=25 save_every=1000 eval_every=1000")
+    run_dir, deadline = runs / "preempted", time.monotonic() + 900
+    _until(lambda: _last_step(run_dir) >= 3, deadline, "step 3")
+    secrets = [_server_secret(jid)]
+    sh("scancel", "--signal=USR1", "--batch", jid)
+    _release(jid, log, 1, deadline)
+    first = _text(log)
+    stopped = int(re.search(r"stop signal: checkpoint at step (\d+)", first).group(1))
+    assert "trainer exited with 75" in first and "trainer exited with 143" not in first
+    _until(lambda: _last_step(run_dir) >= stopped + 2, deadline, "2 steps after resuming")
+    secrets.append(_server_secret(jid))
     wait(jid, log)
-    text = log.read_text()
-    stopped = int(re.search(r"stop signal: checkpoint at step (\d+)", text).group(1))
-    assert "exited with 75" in text or "trainer exited with 143" in text  # 75: EX_TEMPFAIL from gift-train
-    assert "(restart 1)" in text and f"resumed from {runs}/preempted/checkpoints/step_{stopped:08d}" in text
-    steps = [r["step"] for r in metrics(runs / "preempted") if "reward" in r]
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}" in _text(log)[len(first):]
+    steps = [r["step"] for r in metrics(run_dir) if "reward" in r]
     assert steps == list(range(1, 26))  # every step once: the rerun continued after the checkpoint
-    assert sorted(p.name for p in (runs / "preempted" / "checkpoints").glob("step_*")) == [
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
         f"step_{stopped:08d}", "step_00000025"]
+    files = [log, *(runs / "preempted_logs").rglob("*"), *run_dir.rglob("*")]
+    leaks = [f for f in files if f.is_file() and any(s.encode() in f.read_bytes() for s in secrets)]
+    assert not leaks, leaks
 
 
 def test_mpi_ranks_under_srun_pmi2(cluster):
@@ -122,8 +169,7 @@ def test_hydra_multirun_lands_as_slurm_jobs(cluster, runs):
     sweep = runs / "sweep"
     proc = subprocess.run([PY, "-m", "gift_megatron.train", "-m", "hydra/launcher=gift_slurm",
                            "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=20", "algo=gift,grpo",
-                           "num_steps=2", "eval_every=2", "save_every=2", f"hydra.sweep.dir={sweep}",
-                           f"data.warmup_cache_dir={runs}/.warmup_cache"],
+                           "num_steps=2", "eval_every=2", "save_every=2", f"hydra.sweep.dir={sweep}"],
                           env=ENV, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, explain(proc)
     job_ids = sorted({p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit()})

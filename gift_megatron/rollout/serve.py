@@ -6,7 +6,9 @@ The settings come from the trainer's own Hydra config (the same overrides): mode
 dtype, rollout.* (TP, memory, weight_sync backend). Without `rollout.server_model_dir` the server
 starts with dummy weights of the model's architecture (a config.json written from the model preset)
 and the trainer syncs its weights in before the first generation, so no server reads a checkpoint
-from disk. The process becomes the vLLM server (exec), so Slurm's signals reach it directly.
+from disk. The job's secret comes from GIFT_SERVER_SECRET (the batch script makes one per job) and
+reaches the server by environment only.
+The process becomes the vLLM server (exec), so Slurm's signals reach it directly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 from pathlib import Path
 
 from gift_megatron.config import Config
+from gift_megatron.rollout.auth import secret_from_env
 
 
 def special_tokens(cfg: Config) -> dict[str, int]:
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, default=0, help="this server's index (its seed offset)")
     parser.add_argument("overrides", nargs="*", help="the trainer's Hydra overrides")
     args = parser.parse_args(argv)
+    secret = secret_from_env()  # before anything slow: a server without the job's secret never starts
 
     import torch
     from hydra import compose, initialize_config_dir
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model_dir, load_format = architecture_folder(cfg, Path(cfg.run_dir) / "server_model"), "dummy"
     cmd, env = server_command(model_dir, args.host or r.host, args.port, r, seed=cfg.seed + args.index,
-                              max_model_len=cfg.model.max_position_embeddings, dtype=cfg.model.params_dtype,
+                              max_model_len=cfg.model.max_position_embeddings, secret=secret,
+                              dtype=cfg.model.params_dtype,
                               transfer_backend=backend_for(r.weight_sync, on_gpu), load_format=load_format)
     print("gift serve:", " ".join(cmd), flush=True)
     os.execvpe(cmd[0], cmd, env)
