@@ -25,7 +25,12 @@ from gift_megatron.config import Config, ParallelConfig
 from gift_megatron.convert.hf_config import hf_config_from_model
 from gift_megatron.convert.safetensors_io import HFWriter
 from gift_megatron.launch import free_port
-from gift_megatron.megatron.checkpoint import load_model_weights, save_model_weights
+from gift_megatron.megatron.checkpoint import (
+    check_architecture,
+    load_model_weights,
+    save_model_weights,
+    select_checkpoint,
+)
 from gift_megatron.megatron.conversion import write_preset
 from gift_megatron.megatron.model import build_gpt_models
 from gift_megatron.megatron.parallel import init_distributed, init_model_parallel
@@ -40,6 +45,7 @@ from gift_megatron.trainer import Components
 
 log = logging.getLogger(__name__)
 _SINGLE = ParallelConfig(world_size=1, micro_batch_size=1)
+WARMUP_CACHE_ENV = "GIFT_WARMUP_CACHE"  # one warm-up cache for every run of a machine (data.warmup_cache_dir wins)
 
 
 def _on_gpu(cfg: Config) -> bool:
@@ -132,7 +138,8 @@ def init_weights(cfg: Config, run_dir: Path, task: TaskData | None, on_gpu: bool
     if task is not None and not task.eval:
         raise ValueError("the supervised warm-up stops at a held-out accuracy, but there are no held-out prompts: "
                          "set data.num_eval_prompts > 0 (or data.eval_path), or start from model.init_checkpoint")
-    path = warmup_cache_path(cfg, Path(cfg.data.warmup_cache_dir or run_dir.parent / ".warmup_cache"))
+    root = cfg.data.warmup_cache_dir or os.environ.get(WARMUP_CACHE_ENV) or run_dir.parent / ".warmup_cache"
+    path = warmup_cache_path(cfg, Path(root))
     if dist.get_rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.parent / f"{path.name}.lock", "w") as lock:  # concurrent runs (sweeps) train it once
@@ -209,6 +216,11 @@ def build(cfg: Config) -> Components:
     on_gpu = _on_gpu(cfg)
     info = init_distributed(cfg.parallel, on_gpu)
     rank0 = info.rank == 0
+    # Which checkpoint to resume, checked before anything is written or trained: a run_dir that holds
+    # another model's checkpoints keeps its config.yaml / model.yaml (tools/mcore_to_hf.py reads them).
+    resume_from = select_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    if resume_from is not None:
+        check_architecture(cfg.model, resume_from)
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
@@ -240,7 +252,7 @@ def build(cfg: Config) -> Components:
     dist.broadcast(num_train, 0)
     components = Components(cfg=cfg, policy=policy, reference=reference, engine=engine, task=task, scorer=scorer,
                             sampler=PromptSampler(int(num_train), cfg.data.seed), run_dir=run_dir, writer=writer,
-                            rank0=rank0)
+                            rank0=rank0, resume_from=resume_from)
     if cfg.rollout.server_urls:  # servers started elsewhere hold other weights: sync ours in
         from gift_megatron.trainer import sync_weights
 

@@ -29,6 +29,20 @@ def _positive(section: str, **values: float) -> None:
             raise ValueError(f"{section}.{name}={value!r} must be > 0")
 
 
+def _non_negative(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is None or value < 0:
+            raise ValueError(f"{section}.{name}={value!r} must be >= 0")
+
+
+def _within(section: str, name: str, value: float, low: float, high: float, *, high_open: bool = False,
+            low_open: bool = False) -> None:
+    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not inside:
+        raise ValueError(f"{section}.{name}={value!r} must be in {'(' if low_open else '['}{low}, {high}"
+                         f"{')' if high_open else ']'}")
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny-llama"
@@ -81,7 +95,10 @@ class ModelConfig:
         _one_of("model", "fp8_recipe", self.fp8_recipe, ("delayed", "tensorwise"))
         _positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
                   num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
-                  kv_channels=self.kv_channels, vocab_size=self.vocab_size)
+                  kv_channels=self.kv_channels, vocab_size=self.vocab_size, ffn_hidden_size=self.ffn_hidden_size,
+                  make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
+                  init_method_std=self.init_method_std, rotary_base=self.rotary_base,
+                  rope_scaling_factor=self.rope_scaling_factor, norm_epsilon=self.norm_epsilon)
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -123,6 +140,8 @@ class ParallelConfig:
                 f"parallel.world_size={self.world_size} is not divisible by tensor_model_parallel_size x "
                 f"pipeline_model_parallel_size = {model_parallel}: change world_size or the parallel sizes"
             )
+        if self.virtual_pipeline_model_parallel_size is not None:
+            _positive("parallel", virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size)
         if self.virtual_pipeline_model_parallel_size is not None and self.pipeline_model_parallel_size < 2:
             raise ValueError("parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size "
                              ">= 2: set it to null or raise pipeline_model_parallel_size")
@@ -190,11 +209,15 @@ class AlgoConfig:
         _one_of("algo", "loss_agg_mode", self.loss_agg_mode,
                 ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
         _positive("algo", group_size=self.group_size, num_mini_batches=self.num_mini_batches,
-                  implicit_std_floor=self.implicit_std_floor, adv_eps=self.adv_eps)
+                  implicit_std_floor=self.implicit_std_floor, adv_eps=self.adv_eps, z_scale=self.z_scale,
+                  max_sampling_rounds=self.max_sampling_rounds)
+        _non_negative("algo", length_norm_power=self.length_norm_power,
+                      overlong_buffer_length=self.overlong_buffer_length,
+                      overlong_penalty_factor=self.overlong_penalty_factor)
         if self.name == "gift" and self.group_size < 2:
             raise ValueError("algo.group_size must be >= 2 for GIFT: z-scores need at least two samples per prompt")
-        if self.clip_ratio_low < 0 or self.clip_ratio_high < 0 or self.kl_coef < 0:
-            raise ValueError("algo.clip_ratio_low, clip_ratio_high and kl_coef must be >= 0")
+        _non_negative("algo", clip_ratio_low=self.clip_ratio_low, clip_ratio_high=self.clip_ratio_high,
+                      kl_coef=self.kl_coef)
 
     @property
     def needs_reference(self) -> bool:
@@ -263,7 +286,10 @@ class RolloutConfig:
                              f"which a dead server breaks: use on_server_failure=error, or weight_sync=files")
         _positive("rollout", num_servers=self.num_servers, tensor_parallel_size=self.tensor_parallel_size,
                   temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                  request_timeout_s=self.request_timeout_s, weight_sync_bucket_mb=self.weight_sync_bucket_mb)
+                  request_timeout_s=self.request_timeout_s, weight_sync_bucket_mb=self.weight_sync_bucket_mb,
+                  cpu_kvcache_space_gib=self.cpu_kvcache_space_gib, server_start_timeout_s=self.server_start_timeout_s)
+        _within("rollout", "base_port", self.base_port, 1, 65535)
+        _within("rollout", "gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, low_open=True)
         if self.max_logprob_mismatch is not None:
             _positive("rollout", max_logprob_mismatch=self.max_logprob_mismatch)
         _positive("rollout", mismatch_patience=self.mismatch_patience)
@@ -294,13 +320,17 @@ class DataConfig:
     config; skipped when model.init_checkpoint is set. warmup_max_steps=0 skips it too."""
     warmup_max_steps: int = 400
     warmup_cache_dir: str | None = None
-    """Where warmed-up weights are cached (keyed by config); default: .warmup_cache beside run_dir."""
+    """Where warmed-up weights are cached (keyed by config); default: $GIFT_WARMUP_CACHE, else
+    .warmup_cache beside run_dir."""
     warmup_lr: float = 1e-3
     warmup_batch_size: int = 128
 
     def __post_init__(self) -> None:
         _one_of("data", "name", self.name, ("addition", "jsonl", "parquet"))
-        _positive("data", max_prompt_length=self.max_prompt_length, num_prompts_per_step=self.num_prompts_per_step)
+        _positive("data", max_prompt_length=self.max_prompt_length, num_prompts_per_step=self.num_prompts_per_step,
+                  warmup_lr=self.warmup_lr, warmup_batch_size=self.warmup_batch_size)
+        _non_negative("data", num_eval_prompts=self.num_eval_prompts, seed=self.seed)
+        _within("data", "warmup_target_accuracy", self.warmup_target_accuracy, 0, 1)
         if self.name != "addition" and not self.path:
             raise ValueError(f"data.name={self.name} needs data.path=/path/to/prompts.{self.name}")
         if self.name != "addition" and not self.tokenizer:
@@ -326,6 +356,7 @@ class RewardTermConfig:
 
     def __post_init__(self) -> None:
         _one_of("reward.terms[]", "kind", self.kind, REWARD_KINDS)
+        _positive("reward.terms[]", batch_size=self.batch_size)
         if self.kind == "reward_model" and not self.path:
             raise ValueError("reward.terms[]: kind=reward_model needs path=/path/to/hf_reward_model")
 
@@ -359,7 +390,11 @@ class OptimConfig:
     nonfinite); this many such steps in a row stop the run with an error."""
 
     def __post_init__(self) -> None:
-        _positive("optim", lr=self.lr, max_nonfinite_steps=self.max_nonfinite_steps)
+        _positive("optim", lr=self.lr, max_nonfinite_steps=self.max_nonfinite_steps, adam_eps=self.adam_eps)
+        _non_negative("optim", min_lr=self.min_lr, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
+                      lr_warmup_steps=self.lr_warmup_steps)
+        _within("optim", "adam_beta1", self.adam_beta1, 0, 1, high_open=True)
+        _within("optim", "adam_beta2", self.adam_beta2, 0, 1, high_open=True)
         _one_of("optim", "lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
         if self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}: lower min_lr")
@@ -382,6 +417,9 @@ class Config:
     """Third-party loggers (vLLM, megatron, transformers): WARNING hides their INFO lines (parameter
     lists, kernel notes, per-sync reload notes) so the progress bar stays readable; INFO or DEBUG
     shows them. Our own INFO lines show either way; warnings and errors always do."""
+    log_all_ranks: bool = False
+    """Multi-rank runs log from global rank 0 only (other ranks' errors still show); true: every rank
+    logs, each line prefixed with its rank."""
     num_steps: int = 100
     eval_every: int = 10
     """Held-out evaluation every N steps (and at the last); data.num_eval_prompts=0 switches it off."""
@@ -400,6 +438,7 @@ class Config:
     def __post_init__(self) -> None:
         _one_of("", "device", self.device, ("auto", "cpu", "cuda"))
         _one_of("", "log_level", self.log_level, ("WARNING", "INFO", "DEBUG"))
+        _non_negative("", seed=self.seed)
         _positive("", eval_every=self.eval_every, save_every=self.save_every, num_steps=self.num_steps,
                   keep_last_checkpoints=self.keep_last_checkpoints)
         if self.eval_num_samples < 0 or self.eval_num_samples == 1:

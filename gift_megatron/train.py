@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gift_megatron.config import apply_model_preset, register_configs, to_config
+from gift_megatron.guard import protect
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; rerun to resume
@@ -40,8 +41,37 @@ def quiet_third_party(level: str) -> None:
     logging.captureWarnings(True)
 
 
+def launcher_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, Slurm, MPI); 0 when alone."""
+    for var in ("RANK", "SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def log_from_rank0(rank: int, all_ranks: bool) -> None:
+    """Other ranks log errors only (their INFO/WARNING lines repeat rank 0's), or, with `all_ranks`,
+    everything with a rank prefix."""
+    if rank == 0:
+        return
+    if all_ranks:
+        make = logging.getLogRecordFactory()
+
+        def prefixed(*args, **kwargs) -> logging.LogRecord:
+            record = make(*args, **kwargs)
+            record.msg = f"[rank {rank}] {record.msg}"
+            return record
+
+        logging.setLogRecordFactory(prefixed)
+        return
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.ERROR)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(dict_cfg: DictConfig) -> dict:
+    log_from_rank0(launcher_rank(), dict_cfg.log_all_ranks)
     quiet_third_party(dict_cfg.log_level)  # before megatron's import: it logs INFO lines as it loads
     from gift_megatron.build import build
     from gift_megatron.trainer import Preempted, StopFlag, close, maybe_resume, run
@@ -65,5 +95,13 @@ def main(dict_cfg: DictConfig) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`gift-train` and `python -m gift_megatron.train`. First the guard (it re-executes this process
+    once): every process the run starts ends with it, even after a SIGKILL. Jobs that Hydra's Slurm
+    launcher runs call `main` directly: there Slurm's cgroup ends a job's processes."""
+    protect()
     main()
+
+
+if __name__ == "__main__":
+    cli()

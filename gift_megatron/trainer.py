@@ -27,7 +27,7 @@ from gift_megatron.algo import build_loss, group_advantages, overlong_penalty
 from gift_megatron.algo.advantages import nonconstant_groups
 from gift_megatron.algo.layout import dp_sample_indices
 from gift_megatron.config import Config
-from gift_megatron.megatron.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from gift_megatron.megatron.checkpoint import architecture, load_checkpoint, save_checkpoint
 from gift_megatron.megatron.policy import copy_weights, move_chunks
 from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
@@ -68,6 +68,7 @@ class Components:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     alarm: MismatchAlarm | None = None
+    resume_from: Path | None = None  # the checkpoint to resume (chosen and checked by build)
 
     def __post_init__(self) -> None:
         r = self.cfg.rollout
@@ -283,17 +284,9 @@ def _log(c: Components, metrics: dict) -> None:
             c.writer.add_scalar(k, v, c.step)
 
 
-ARCHITECTURE = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights")
-
-
-def _architecture(c: Components) -> dict:
-    return {k: getattr(c.cfg.model, k) for k in ARCHITECTURE if hasattr(c.cfg.model, k)}
-
-
 def save(c: Components) -> None:
     save_checkpoint(c.run_dir / "checkpoints", c.step, c.policy,
-                    {"sampler": c.sampler.state_dict(), "architecture": _architecture(c)},
+                    {"sampler": c.sampler.state_dict(), "architecture": architecture(c.cfg.model)},
                     keep_last=c.cfg.keep_last_checkpoints, reference=_changing_reference(c))
 
 
@@ -302,33 +295,16 @@ def _changing_reference(c: Components):
     return c.reference if c.reference is not None and c.cfg.algo.reference_refresh_every else None
 
 
-def _check_architecture(c: Components, path: Path) -> None:
-    saved, mine = read_trainer_state(path).get("architecture"), _architecture(c)
-    if saved is not None and saved != mine:
-        diff = ", ".join(f"{k}: checkpoint {saved.get(k)}, run {mine.get(k)}" for k in sorted(set(saved) | set(mine))
-                         if saved.get(k) != mine.get(k))
-        raise ValueError(f"{path} was written for another model ({diff}): use the model it was trained with, "
-                         f"another run_dir, or resume=false to start over")
-
-
 def maybe_resume(c: Components) -> bool:
-    """Collective: every rank loads the newest complete checkpoint of run_dir, if resume is on."""
-    found = latest_checkpoint(c.run_dir / "checkpoints") if c.cfg.resume else None
-    flag = torch.tensor([found is not None], dtype=torch.long)
-    if dist.get_world_size() > 1:
-        dist.broadcast(flag, 0)  # rank 0's view decides (a shared filesystem may lag elsewhere)
-    if not flag.item():
+    """Collective: every rank loads the checkpoint build chose (the newest intact one), if any."""
+    if c.resume_from is None:
         return False
-    if found is None:
-        raise RuntimeError(f"rank {dist.get_rank()} cannot see the checkpoint rank 0 found under {c.run_dir}: "
-                           f"the run folder must be on a filesystem every node shares")
-    _check_architecture(c, found)
-    state = load_checkpoint(found, c.policy, reference=_changing_reference(c))
+    state = load_checkpoint(c.resume_from, c.policy, reference=_changing_reference(c), verify=False)
     c.sampler.load_state_dict(state["sampler"])
     c.step = int(state["step"])
     sync_weights(c)
     if c.rank0:
-        log.info("resumed from %s (step %d)", found, c.step)
+        log.info("resumed from %s (step %d)", c.resume_from, c.step)
     return True
 
 

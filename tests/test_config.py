@@ -101,7 +101,7 @@ ERRORS = [
     (["algo.loss_agg_mode=sum"], "algo.loss_agg_mode='sum' is not supported"),
     (["algo.implicit_std_floor=0"], "algo.implicit_std_floor=0.0 must be > 0"),
     (["algo.group_size=1", "parallel.micro_batch_size=32"], "algo.group_size must be >= 2 for GIFT"),
-    (["algo.clip_ratio_low=-0.1"], "clip_ratio_low, clip_ratio_high and kl_coef must be >= 0"),
+    (["algo.clip_ratio_low=-0.1"], "algo.clip_ratio_low=-0.1 must be >= 0"),
     (["rollout.engine=sglang"], "rollout.engine='sglang' is not supported"),
     (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
     (["rollout.verify_every=-1"], "rollout.verify_every=-1: use N >= 1"),
@@ -173,3 +173,50 @@ def test_hf_math_experiment_takes_the_converted_models_tokenizer():
                          "model.max_position_embeddings=2048")
     assert cfg.data.tokenizer == "/ckpt/m/hf" and cfg.data.use_chat_template and cfg.data.num_eval_prompts == 0
     assert cfg.rollout.max_new_tokens >= 256 and cfg.parallel.micro_batch_size == cfg.algo.group_size
+
+
+def _numeric_fields(schema, prefix: str = ""):
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(schema):
+        kind = typing.get_type_hints(schema)[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _numeric_fields(kind, f"{prefix}{f.name}.")
+        elif {int, float} & set(typing.get_args(kind) or (kind,)) and kind is not bool:
+            yield f"{prefix}{f.name}"
+
+
+NUMERIC = list(_numeric_fields(Config))
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_every_numeric_field_rejects_a_negative_value_before_anything_runs(name):
+    """Adversarial sweep over the schema itself: a field added without a range check fails here.
+    (Zero is legal for some: 0 = off, e.g. kl_coef, verify_every; the cases above pin those that
+    must be > 0.)"""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.update(cfg, name, -1, merge=False)
+    with pytest.raises(ValueError, match=rf"{name.split('.')[-1]}=-1"):
+        to_config(cfg)
+
+
+def test_the_sweep_covers_the_schema():
+    assert len(NUMERIC) > 60 and {"optim.adam_beta2", "rollout.base_port", "model.norm_epsilon", "seed"} <= set(NUMERIC)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.ffn_hidden_size=0", "model.ffn_hidden_size=0 must be > 0"),
+    ("model.norm_epsilon=0", "model.norm_epsilon=0.0 must be > 0"),
+    ("algo.z_scale=0", "algo.z_scale=0.0 must be > 0"),
+    ("algo.max_sampling_rounds=0", "algo.max_sampling_rounds=0 must be > 0"),
+    ("optim.adam_beta2=1.0", r"optim.adam_beta2=1.0 must be in \[0, 1\)"),
+    ("optim.adam_eps=0", "optim.adam_eps=0.0 must be > 0"),
+    ("rollout.base_port=70000", r"rollout.base_port=70000 must be in \[1, 65535\]"),
+    ("rollout.gpu_memory_utilization=0", r"rollout.gpu_memory_utilization=0.0 must be in \(0, 1\]"),
+    ("data.warmup_target_accuracy=1.5", r"data.warmup_target_accuracy=1.5 must be in \[0, 1\]"),
+    ("data.warmup_batch_size=0", "data.warmup_batch_size=0 must be > 0"),
+])
+def test_zero_and_out_of_range_values_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        compose_config(override)

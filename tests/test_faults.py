@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from gift_megatron.guard import TOKEN_ENV, tagged
+from tests.conftest import CANARY, STRAIGHT
 from tests.procs import explain
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["num_steps=4", "eval_every=100", "save_every=2"]
+RUN = STRAIGHT
 KEYS = ("reward", "loss", "grad_norm", "response_length")
 
 
@@ -29,8 +31,9 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _kill_when(run_dir: Path, ready, timeout_s: float = 600.0) -> None:
-    """Start the run, poll `ready(run_dir)` every millisecond, SIGKILL the run's process group then."""
+def _kill_when(run_dir: Path, ready, timeout_s: float = 600.0, only_trainer: bool = False) -> None:
+    """Start the run, poll `ready(run_dir)` every millisecond, SIGKILL the run's process group then, or
+    with `only_trainer` the trainer's PID alone: everything it started must then end too (no orphans)."""
     proc = subprocess.Popen(_cmd(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + timeout_s
@@ -39,8 +42,25 @@ def _kill_when(run_dir: Path, ready, timeout_s: float = 600.0) -> None:
             assert proc.poll() is None, f"the run ended before the fault: {proc.stderr.read()[-3000:]}"
             assert time.monotonic() < deadline, "the fault's trigger never came"
             time.sleep(0.001)
-        os.killpg(proc.pid, signal.SIGKILL)
+        if not only_trainer:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        token = dict(e.split("=", 1) for e in Path(f"/proc/{proc.pid}/environ").read_text().split("\0") if "=" in e)
+        token = token[TOKEN_ENV]
+        children = [p for p in tagged(token) if p != proc.pid]
+        names = [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:80].decode() for p in children]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        end = time.monotonic() + 30
+        while (left := tagged(token)) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert len(children) >= 2, names  # megatron's checkpoint-writer Manager and its resource tracker, ...
+        assert not left, f"orphans of the killed trainer: {left}"
     finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its group (a failing test leaks nothing)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=60)
         proc.stderr.close()
 
@@ -68,14 +88,10 @@ def _checkpoint_tensors(path: Path) -> dict:
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
-def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
-    straight = tmp_path / "straight"
-    canary = "gift-canary-7f3a9c"  # secrets come from the environment and must never be written anywhere
-    env = dict(os.environ, WANDB_API_KEY=canary, HF_TOKEN=canary)
-    proc = subprocess.run(_cmd(straight), cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, explain(proc)
-    assert canary not in proc.stdout + proc.stderr
-    leaks = [f for f in straight.rglob("*") if f.is_file() and canary.encode() in f.read_bytes()]
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, straight_run):
+    straight, output = straight_run  # conftest: the same RUN, uninterrupted, with canary secrets in its environment
+    assert CANARY not in output
+    leaks = [f for f in straight.rglob("*") if f.is_file() and CANARY.encode() in f.read_bytes()]
     assert not leaks, leaks
 
     crashed = tmp_path / "crashed"
@@ -85,8 +101,10 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     _kill_when(crashed, _writing_checkpoint(2))
     ckpts = crashed / "checkpoints"
     assert not (ckpts / "step_00000002").exists() and (ckpts / ".tmp_step_00000002").exists()
-    # 3. checkpoint 2 published and step 3 logged: killed inside step 4 -> resume from step 2
-    _kill_when(crashed, lambda d: (d / "checkpoints" / "step_00000002").is_dir() and _logged(3)(d))
+    # 3. checkpoint 2 published and step 3 logged: the trainer's PID alone killed inside step 4 (its vLLM engine
+    # core, checkpoint writer and resource tracker must end with it) -> resume from step 2
+    _kill_when(crashed, lambda d: (d / "checkpoints" / "step_00000002").is_dir() and _logged(3)(d),
+               only_trainer=True)
     proc = subprocess.run(_cmd(crashed), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, explain(proc)
     assert "step_00000002 (step 2)" in proc.stdout + proc.stderr  # "resumed from ..."
@@ -101,12 +119,30 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert not list(ckpts.glob(".tmp_*"))  # the crashed write's leftovers were cleaned by a later save
 
-    # the same folder resumed with another model: named, before any tensor is loaded
-    proc = subprocess.run([*_cmd(crashed), "model.num_layers=3", "data.warmup_max_steps=0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # the newest checkpoint damaged (4 KiB of random bytes inside a shard, size unchanged): named, and the
+    # run resumes from the newest intact one (step 2) and ends as the uninterrupted run did
+    shard = max((ckpts / "step_00000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        f.write(os.urandom(4096))
+    proc = subprocess.run(_cmd(crashed), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, explain(proc)
+    out = proc.stdout + proc.stderr
+    assert f"{shard}: content differs from its digest" in out and "step_00000002 (step 2)" in out, explain(proc)
+    assert [r["step"] for r in _rows(crashed)] == [0, 1, 2, 3, 4]
+    assert {k: _rows(crashed)[-1][k] for k in KEYS} == {k: want[-1][k] for k in KEYS}
+
+    # the same folder resumed with another model: named before anything is written or trained (no new
+    # warm-up for the other model, config.yaml / model.yaml kept for the checkpoints they describe)
+    kept = {f: (crashed / f).read_bytes() for f in ("config.yaml", "model.yaml")}
+    warmups = sorted(Path(os.environ["GIFT_WARMUP_CACHE"]).iterdir())
+    proc = subprocess.run([*_cmd(crashed), "model.num_layers=3"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode != 0
     assert "step_00000004 was written for another model (num_layers: checkpoint 2, run 3)" in proc.stderr, \
         explain(proc)
+    assert {f: (crashed / f).read_bytes() for f in kept} == kept
+    assert sorted(Path(os.environ["GIFT_WARMUP_CACHE"]).iterdir()) == warmups
 
 
 def test_nonfinite_steps_are_counted_and_stop_the_run_after_n_in_a_row(tmp_path):

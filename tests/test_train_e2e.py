@@ -61,8 +61,8 @@ def test_grpo_runs_the_same_loop(runs):
     assert all(r["grad_norm"] > 0 for r in steps if 0 < r["reward"] < 1)
 
 
-def test_interrupted_run_resumes_exactly(runs):
-    straight = train(runs / "straight", "num_steps=4", "eval_every=100", "save_every=2")
+def test_interrupted_run_resumes_exactly(runs, straight_run):
+    straight = [json.loads(line) for line in (straight_run[0] / "metrics.jsonl").read_text().splitlines()]
     train(runs / "resumed", "num_steps=2", "eval_every=100", "save_every=2")
     resumed = train(runs / "resumed", "num_steps=4", "eval_every=100", "save_every=2")  # picks up step 2
     keys = ("reward", "loss", "grad_norm", "response_length")

@@ -1,9 +1,11 @@
 """Checkpoints with megatron-core dist_checkpointing: written atomically, resumed exactly.
 
 Layout under a run's `checkpoints/` folder: `step_00000042/` per completed checkpoint. A save
-writes into `.tmp_step_00000042/` and is renamed only after every rank has finished, so a crash
-mid-save leaves the previous checkpoints intact and the half-written folder is never loaded (it is
-removed by the next save). The newest `keep_last` checkpoints are kept.
+writes into `.tmp_step_00000042/`, then `manifest.json` (size and SHA-256 of every file, hashed by all
+ranks in parallel), and is renamed only after that, so a crash mid-save leaves the previous
+checkpoints intact and the half-written folder is never loaded (the next start removes it). The
+newest `keep_last` checkpoints are kept. On resume (`select_checkpoint`) the newest checkpoint whose
+files match their manifest is chosen: a corrupted or truncated newer one is named and skipped.
 
 What is saved: the policy's model chunks (sharded, so a model can be loaded into another TP/PP
 layout), the distributed optimizer state ('dp_reshardable': same TP/PP layout to resume), the LR
@@ -12,10 +14,14 @@ schedule, every rank's RNG states, and the trainer's own state (step, data posit
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from gift_megatron.manifest import (
+    CorruptCheckpoint,
+    check_files,
+    checkpoint_files,
+    digest_files,
+    read_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -133,6 +148,110 @@ def _on_rank0(fn, *args) -> None:
     dist.barrier()
 
 
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _broadcast_json(obj=None):
+    """rank 0's JSON-able `obj` on every rank (as bytes in a tensor: no pickle crosses the group)."""
+    rank, world = _world()
+    if world == 1:
+        return obj
+    data = json.dumps(obj).encode() if rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.long)
+    dist.broadcast(size, 0)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank == 0 else torch.empty(int(size),
+                                                                                            dtype=torch.uint8)
+    dist.broadcast(buf, 0)
+    return json.loads(buf.numpy().tobytes().decode())
+
+
+def _all_gather_json(obj) -> list:
+    """Every rank's JSON-able `obj`, in rank order, on every rank."""
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    data = json.dumps(obj).encode()
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.long))
+    longest = max(int(n) for n in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+    bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
+    dist.all_gather(bufs, mine)
+    return [json.loads(b[:int(n)].numpy().tobytes().decode()) for b, n in zip(bufs, sizes)]
+
+
+def write_checkpoint_manifest(folder: Path) -> float:
+    """Collective: every rank flushes to disk and digests its share of the folder's files; rank 0
+    writes manifest.json. Returns the seconds it took."""
+    start, (rank, world) = time.perf_counter(), _world()
+    names = _broadcast_json(checkpoint_files(folder) if rank == 0 else None)
+    parts = _all_gather_json(digest_files(folder, names[rank::world], fsync=True))
+    if rank == 0:
+        write_manifest(folder, {k: v for part in parts for k, v in part.items()})
+    if world > 1:
+        dist.barrier()
+    return time.perf_counter() - start
+
+
+def checkpoint_problems(folder: Path) -> list[str] | None:
+    """Collective: what is wrong with a checkpoint's files ([] when every file matches its manifest;
+    None when it has no manifest, i.e. was written before manifests). Each rank checks a share."""
+    rank, world = _world()
+    entries = None
+    if rank == 0:
+        try:
+            entries = read_manifest(folder)
+        except CorruptCheckpoint as e:
+            entries = {"__unreadable__": str(e)}
+    entries = _broadcast_json(entries)
+    if entries is None:
+        return None
+    if "__unreadable__" in entries:
+        return [entries["__unreadable__"]]
+    parts = _all_gather_json(check_files(folder, entries, sorted(entries)[rank::world]))
+    return [p for part in parts for p in part]
+
+
+def select_checkpoint(root: Path) -> Path | None:
+    """Collective: the newest checkpoint under `root` whose files match their manifest, or None when
+    there is none. Newer ones that do not are skipped with a warning naming each bad file; when every
+    checkpoint is damaged, an error (starting over silently would discard the run). Leftovers of an
+    interrupted write are removed first."""
+    rank, _ = _world()
+    if rank == 0:
+        _remove_leftovers(Path(root))
+    found = [str(p) for p in completed_checkpoints(root)] if rank == 0 else None
+    candidates = [Path(p) for p in _broadcast_json(found)]
+    damaged = []
+    for path in reversed(candidates):
+        problems = checkpoint_problems(path)
+        if problems is None:
+            if rank == 0:
+                log.warning("%s has no manifest (written by an older version): loading it unverified", path)
+            return path
+        if not problems:
+            if damaged and rank == 0:
+                log.warning("resuming from %s, the newest intact checkpoint, instead of %s", path,
+                            ", ".join(d.name for d in damaged))
+            return path
+        damaged.append(path)
+        if rank == 0:
+            log.warning("checkpoint %s is damaged and is skipped:\n  %s", path, "\n  ".join(problems))
+    if damaged:
+        raise CorruptCheckpoint(f"every checkpoint under {root} is damaged ({', '.join(d.name for d in damaged)}; "
+                                f"see the warnings above): restore them from a copy, or move them away (or set "
+                                f"resume=false) to start over")
+    return None
+
+
+def _remove_leftovers(root: Path) -> None:
+    for stale in sorted(root.glob(".tmp_step_*")) + sorted(root.glob(".old_step_*")):
+        log.warning("removing %s: an unfinished checkpoint write (the run was killed or the disk was full)", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _prepare_tmp(tmp: Path) -> None:
     for stale in tmp.parent.glob(".tmp_step_*"):  # leftovers of a crashed save
         shutil.rmtree(stale, ignore_errors=True)
@@ -145,18 +264,82 @@ def _publish(tmp: Path, final: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the previous ones are intact)."""
+
+
+def _no_space(error: BaseException, root: Path, need: int) -> bool:
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return shutil.disk_usage(root).free < max(need, 16 << 20)  # the writers' own errors do not say (torch's zip)
+
+
+def _space_message(root: Path, need: int, written: int = 0) -> str:
+    free = shutil.disk_usage(root).free
+    needs = (f"about {need:,} bytes (the size of the previous checkpoint)" if need
+             else f"more than the {written:,} bytes it wrote")
+    return (f"no space left on {root}: a checkpoint needs {needs}, {free:,} bytes are free. Free space there or "
+            f"set run_dir on a larger filesystem (keep_last_checkpoints bounds how many are kept); the previous "
+            f"checkpoints are intact, and the unfinished write is removed at the next start")
+
+
 def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_last: int = 2, reference=None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder. `reference`: chunks saved too
     (a reference that changes during training, e.g. refreshed from the policy)."""
     root, final = Path(root), step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
+    rank, world = _world()
+    previous = latest_checkpoint(root) if rank == 0 else None
+    need = _folder_bytes(previous) if previous is not None else 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    fits = torch.tensor([rank != 0 or shutil.disk_usage(root).free >= need], dtype=torch.long)
+    if world > 1:
+        dist.broadcast(fits, 0)
+    if not fits.item():  # checked before writing: a full disk mid-write gives the writers' obscure errors
+        raise CheckpointWriteError(_space_message(root, need))
     _on_rank0(_prepare_tmp, tmp)
     state = dict(trainer_state, step=step, has_reference=reference is not None)
-    dist_checkpointing.save(_full_sharded_state(policy, state, is_loading=False, reference=reference), str(tmp))
+    start = time.perf_counter()
+    try:
+        dist_checkpointing.save(_full_sharded_state(policy, state, is_loading=False, reference=reference), str(tmp))
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if not isinstance(e, KeyboardInterrupt | SystemExit) and _no_space(e, root, need):
+            raise CheckpointWriteError(_space_message(root, need, _folder_bytes(tmp))) from e
+        raise
     dist.barrier()
+    saved_s = time.perf_counter() - start
+    digest_s = write_checkpoint_manifest(tmp)
     _on_rank0(_publish, tmp, final, keep_last)
-    log.info("saved checkpoint %s", final)
+    if rank == 0:
+        log.info("saved checkpoint %s (write %.2f s, digests %.2f s)", final, saved_s, digest_s)
     return final
+
+
+ARCHITECTURE = ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights")
+
+
+def architecture(model) -> dict:
+    """The model fields a checkpoint's tensors depend on (saved with it, compared on resume)."""
+    return {k: getattr(model, k) for k in ARCHITECTURE if hasattr(model, k)}
+
+
+def check_architecture(model, path: Path) -> None:
+    """Raise, naming the differing fields, when `path` was written for another model than `model`."""
+    saved, mine = read_trainer_state(path).get("architecture"), architecture(model)
+    if saved is not None and saved != mine:
+        diff = ", ".join(f"{k}: checkpoint {saved.get(k)}, run {mine.get(k)}" for k in sorted(set(saved) | set(mine))
+                         if saved.get(k) != mine.get(k))
+        raise ValueError(f"{path} was written for another model ({diff}): use the model it was trained with, "
+                         f"another run_dir, or resume=false to start over")
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -164,14 +347,25 @@ def read_trainer_state(path: Path) -> dict:
     return dist_checkpointing.load_common_state_dict(str(path)).get("trainer", {})
 
 
+def verify_checkpoint(path: Path, fix: str) -> None:
+    """Collective: raise CorruptCheckpoint naming every file that disagrees with the manifest (a
+    folder without a manifest passes: written before manifests). `fix` ends the message."""
+    problems = checkpoint_problems(path)
+    if problems:
+        raise CorruptCheckpoint(f"checkpoint {path} is damaged:\n  " + "\n  ".join(problems) + f"\n{fix}")
+
+
 @torch.no_grad()  # the optimizer copies into (views of) fp32 parameters that require grad
-def load_checkpoint(path: Path, policy, reference=None) -> dict:
+def load_checkpoint(path: Path, policy, reference=None, verify: bool = True) -> dict:
     """Restore model, optimizer, LR schedule and RNG states in place (and the reference's weights when
-    given); returns the trainer state."""
+    given); returns the trainer state. `verify`: check the files against the manifest first (off when
+    select_checkpoint just did)."""
     path = Path(path)
     if not _STEP_DIR.match(path.name) or not (path / "metadata.json").exists():
         raise ValueError(f"{path} is not a completed checkpoint (expected a step_XXXXXXXX folder written by "
                          f"save_checkpoint): pass a folder listed by completed_checkpoints()")
+    if verify:
+        verify_checkpoint(path, "load an older checkpoint of the run (resume picks the newest intact one)")
     if reference is not None and not read_trainer_state(path).get("has_reference"):
         raise ValueError(f"{path} holds no reference weights (it was written by a run whose reference was the "
                          f"frozen initial policy): resume it with algo.reference_refresh_every=0")
@@ -190,7 +384,10 @@ def load_checkpoint(path: Path, policy, reference=None) -> dict:
 
 @torch.no_grad()
 def load_model_weights(path: Path, chunks) -> None:
-    """Only the model weights, into chunks of ANY TP/PP layout (dist_checkpointing reshards)."""
+    """Only the model weights, into chunks of ANY TP/PP layout (dist_checkpointing reshards); the files
+    are checked against the manifest first."""
+    verify_checkpoint(path, "delete it to rebuild it (a cached warm-up is retrained; a converted checkpoint "
+                            "comes from tools/hf_to_mcore.py again)")
     state = dist_checkpointing.load(model_sharded_state(chunks), str(path))
     for key, chunk in zip(_model_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(state[key])
@@ -203,6 +400,7 @@ def save_model_weights(path: Path, chunks) -> Path:
     _on_rank0(_prepare_tmp_dir, tmp)
     dist_checkpointing.save(model_sharded_state(chunks), str(tmp))
     dist.barrier()
+    write_checkpoint_manifest(tmp)
     _on_rank0(_replace_dir, tmp, path)
     return path
 
@@ -220,4 +418,13 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
+    _fsync_dir(final.parent)  # the rename itself survives a power cut
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

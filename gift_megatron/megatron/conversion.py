@@ -17,6 +17,8 @@ from gift_megatron.config import ModelConfig
 from gift_megatron.convert.hf_config import hf_config_from_model, model_config_from_hf
 from gift_megatron.convert.mapping import ModelMapping
 from gift_megatron.convert.safetensors_io import HFReader, HFWriter
+from gift_megatron.manifest import MANIFEST, CorruptCheckpoint, verify_folder
+from gift_megatron.megatron.checkpoint import write_checkpoint_manifest
 from gift_megatron.megatron.hf_checkpoint import init_single_process, iter_full_tensors, save_streaming
 from gift_megatron.megatron.model import DTYPES, padded_vocab_size
 
@@ -73,6 +75,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tensor_model_paralle
     init_single_process()
     tmp = out_dir / ".weights.tmp"  # renamed when complete: a crash never leaves a loadable half checkpoint
     save_streaming(tmp, model, padded, materialize)
+    write_checkpoint_manifest(tmp)
     bar.close()
     tmp.rename(out_dir / "weights")
     (out_dir / "hf").mkdir()
@@ -101,6 +104,9 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, model_config: str 
     if not (ckpt_dir / "metadata.json").exists():
         raise ValueError(f"{ckpt_dir} is not a megatron dist checkpoint (no metadata.json): pass the folder that "
                          f"holds it (e.g. OUT/weights or RUN/checkpoints/step_XXXXXXXX)")
+    if (ckpt_dir / MANIFEST).exists() and (problems := verify_folder(ckpt_dir)):
+        raise CorruptCheckpoint(f"checkpoint {ckpt_dir} is damaged:\n  " + "\n  ".join(problems) +
+                                "\nconvert an older checkpoint of the run (tools/verify_checkpoint.py lists them)")
     model = read_preset(Path(model_config) if model_config else find_preset(ckpt_dir))
     dtype = DTYPES[params_dtype or model.params_dtype]
     init_single_process()

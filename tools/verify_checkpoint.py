@@ -1,0 +1,54 @@
+"""Check checkpoints against their manifests (size and SHA-256 of every file), without loading them.
+
+    python tools/verify_checkpoint.py runs/gift/checkpoints                  # every checkpoint of a run
+    python tools/verify_checkpoint.py runs/gift/checkpoints/step_00000042    # one checkpoint
+    python tools/verify_checkpoint.py /models/qwen-mcore/weights             # a converted checkpoint
+
+Prints one line per checkpoint (OK, DAMAGED with each bad file, or UNVERIFIED when it has no
+manifest) and exits 1 when any is damaged or unverified, 0 when all are intact. Needs no GPU and does
+not import megatron: it can run on a login node or a storage host.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gift_megatron.manifest import MANIFEST, verify_folder  # noqa: E402
+
+
+def checkpoints_in(path: Path) -> list[Path]:
+    if (path / "metadata.json").exists() or (path / MANIFEST).exists():
+        return [path]
+    found = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) if path.is_dir() else []
+    return [p for p in found if (p / "metadata.json").exists() or (p / MANIFEST).exists()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", type=Path, help="checkpoint folders, or folders holding them")
+    args = ap.parse_args(argv)
+    bad = 0
+    for root in args.paths:
+        folders = checkpoints_in(root)
+        if not folders:
+            print(f"{root}: no checkpoint here (expected a folder with metadata.json, or one holding such folders)")
+            bad += 1
+        for folder in folders:
+            start = time.perf_counter()
+            problems = verify_folder(folder)
+            took = time.perf_counter() - start
+            if not problems:
+                print(f"OK         {folder} ({took:.2f} s)")
+            elif not (folder / MANIFEST).exists():
+                print(f"UNVERIFIED {folder}: no {MANIFEST} (written before manifests, or not a finished checkpoint)")
+            else:
+                print(f"DAMAGED    {folder}\n  " + "\n  ".join(problems))
+            bad += bool(problems)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
