@@ -7,6 +7,7 @@ is launched by torchrun or srun.
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import os
 import socket
 import sys
@@ -37,6 +38,24 @@ def free_port(start: int | None = None, host: str = "127.0.0.1", exclude: tuple[
                 continue
             return port
     raise RuntimeError(f"no free TCP port in {start}..{start + 999} on {host}: choose another rollout.base_port")
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and the loopback addresses (127.0.0.0/8, ::1)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a hostname
+        return False
+
+
+def listening_socket(host: str, port: int = 0) -> socket.socket:
+    """A TCP socket bound to `host` only and listening: for torch's TCPStore(master_listen_fd=...),
+    whose own socket listens on every interface whatever host it is given."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1" if host == "localhost" else host, port))
+    sock.listen(1024)
+    return sock
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:

@@ -4,6 +4,7 @@ JSONL prompts with rewards composed by config (math verifier + exact answer + a 
 Every run here is the real CLI in a subprocess with real vLLM servers on 127.0.0.1.
 """
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gift_megatron.launch import free_port
+from tests.netwatch import run_recording_listeners
 from tests.procs import explain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +24,20 @@ SHORT = ["num_steps=3", "eval_every=3", "save_every=3", "rollout=vllm_servers", 
          "rollout.weight_sync_bucket_mb=0.05"]
 
 
-def train(run_dir: Path, *overrides: str, ranks: int = 1) -> list[dict]:
+def train(run_dir: Path, *overrides: str, ranks: int = 1, local: bool = False) -> list[dict]:
+    """The CLI; several ranks by torchrun, or with `local` by gift_megatron.launch_local. The TCP sockets
+    its processes listened on go to `<run_dir>.listen.json` (launcher PID, [pid, address, port])."""
     launcher = [sys.executable, "-m", "gift_megatron.train"]
-    if ranks > 1:
+    if ranks > 1 and local:
+        launcher = [sys.executable, "-m", "gift_megatron.launch_local", f"--nproc={ranks}", "--"]
+    elif ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                     f"--master-port={free_port()}", "-m", "gift_megatron.train"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([*launcher, f"run_dir={run_dir}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    proc, pid, listened = run_recording_listeners([*launcher, f"run_dir={run_dir}", *overrides], timeout=900,
+                                                  cwd=ROOT, env=env)
     assert proc.returncode == 0, explain(proc)
+    (run_dir.parent / f"{run_dir.name}.listen.json").write_text(json.dumps([pid, sorted(listened)]))
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -44,19 +51,24 @@ def one_rank(runs):
     return train(runs / "one_rank", *SHORT)
 
 
-@pytest.mark.parametrize("layout", [
+@pytest.mark.parametrize("layout, local", [
     # TP=2, two servers synced through vLLM's weight-transfer API (gloo backend: the NCCL path's handshake)
-    ["parallel=tp2", "rollout.num_servers=2", "rollout.weight_sync=gloo"],
-    ["parallel=tp2", "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"],  # PP=2
-    ["parallel=tp2", "parallel.tensor_model_parallel_size=1"],  # DP=2
+    (["parallel=tp2", "rollout.num_servers=2", "rollout.weight_sync=gloo"], False),
+    (["parallel=tp2", "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2"], False),
+    (["parallel=tp2", "parallel.tensor_model_parallel_size=1"], True),  # DP=2, by gift_megatron.launch_local
 ], ids=["tp2-2servers-transfer", "pp2-files", "dp2-files"])
-def test_two_ranks_train_like_one(runs, one_rank, layout):
+def test_two_ranks_train_like_one(runs, one_rank, layout, local):
     """Two trainer processes (gloo) + vLLM servers: rank 0 generates and broadcasts, every rank trains
     its shard, weights are gathered and synced (bucket files, or the weight-transfer API). Same seeds
     -> the same samples, losses and updates as one process with one server (rewards equal, loss and
-    grad-norm to float32 reduction-order noise)."""
+    grad-norm to float32 reduction-order noise). Through launch_local, every socket the run's processes
+    listened on (its store, gloo, the vLLM server) was on loopback."""
     name = str(len(list(runs.iterdir())))
-    rows = train(runs / name, *SHORT, *layout, ranks=2)
+    rows = train(runs / name, *SHORT, *layout, ranks=2, local=local)
+    if local:
+        launcher, listened = json.loads((runs / f"{name}.listen.json").read_text())
+        assert any(pid == launcher for pid, _, _ in listened), listened  # the rendezvous store
+        assert all(ipaddress.ip_address(addr).is_loopback for _, addr, _ in listened), listened
     steps, ref = [r for r in rows if "reward" in r], [r for r in one_rank if "reward" in r]
     assert len(steps) == len(ref) == 3
     for got, want in zip(steps, ref):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from gift_megatron.config import ParallelConfig
-from gift_megatron.launch import free_port
+from gift_megatron.launch import free_port, listening_socket
 from gift_megatron.megatron import cpu_compat
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,21 @@ def init_distributed(parallel: ParallelConfig, on_gpu: bool) -> RankInfo:
         if info.world_size > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
             raise ValueError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
                              "(torchrun sets them; under Slurm export them from the first node's address)")
-        if info.world_size == 1 and "MASTER_PORT" not in os.environ:  # a free port: runs may share a machine
-            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        dist.init_process_group("nccl" if on_gpu else "gloo", rank=info.rank, world_size=info.world_size)
+        store = _loopback_store() if info.world_size == 1 else None
+        dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=info.rank,
+                                world_size=info.world_size)
     return info
+
+
+def _loopback_store() -> dist.TCPStore:
+    """A one-process world's store on 127.0.0.1 only, at MASTER_PORT or a free port (runs may share a
+    machine). env:// would open a TCPStore listening on every interface or, with launch_local's
+    TORCHELASTIC_USE_AGENT_STORE inherited (a multi-rank run's warm-up subprocess), wait for a store
+    nobody opens."""
+    sock = listening_socket("127.0.0.1", int(os.environ.get("MASTER_PORT", 0)))
+    os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    return dist.TCPStore("127.0.0.1", sock.getsockname()[1], 1, True, master_listen_fd=sock.detach())
 
 
 def init_model_parallel(parallel: ParallelConfig, seed: int, on_gpu: bool) -> None:

@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from gift_megatron.launch import is_loopback, listening_socket
+
 log = logging.getLogger(__name__)
 BACKEND = "gift_gloo"
 
@@ -44,11 +46,18 @@ def backend_for(weight_sync: str, on_gpu: bool) -> str | None:
 # ---------------------------------------------------------------- the gloo engine pair (vLLM plugin)
 
 def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float):
-    """A gloo process group of its own (not torch.distributed's default group), over a TCPStore."""
+    """A gloo process group of its own (not torch.distributed's default group), over a TCPStore. On a
+    loopback address the store and every rank's gloo sockets listen there only (a TCPStore server
+    given no socket listens on every interface; gloo binds the hostname's address)."""
+    local = is_loopback(address)
+    fd = listening_socket(address, port).detach() if rank == 0 and local else None  # the store closes it
     store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
-                          wait_for_workers=False)
-    return dist.ProcessGroupGloo(dist.PrefixStore("gift_weight_transfer", store), rank, world_size,
-                                 timedelta(seconds=timeout_s)), store
+                          wait_for_workers=False, master_listen_fd=fd)
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timedelta(seconds=timeout_s)
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=address) if local
+                        else dist.ProcessGroupGloo.create_default_device()]
+    return dist.ProcessGroupGloo(dist.PrefixStore("gift_weight_transfer", store), rank, world_size, options), store
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:
