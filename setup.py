@@ -30,7 +30,7 @@ setup(
         "matplotlib",
     ],
     entry_points={
-        "console_scripts": ["gift-train=gift_megatron.train:cli"],
+        "console_scripts": ["gift-train=gift_megatron.train:cli", "gift-launch=gift_megatron.launch_local:main"],
         # vLLM loads these in every one of its processes: registers the gift_gloo weight-transfer engines.
         "vllm.general_plugins": ["gift_weight_transfer=gift_megatron.rollout.weight_transfer:register"],
     },

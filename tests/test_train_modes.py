@@ -38,6 +38,7 @@ def train(run_dir: Path, *overrides: str, ranks: int = 1, local: bool = False) -
                                                   cwd=ROOT, env=env)
     assert proc.returncode == 0, explain(proc)
     (run_dir.parent / f"{run_dir.name}.listen.json").write_text(json.dumps([pid, sorted(listened)]))
+    (run_dir.parent / f"{run_dir.name}.out").write_text(proc.stdout + proc.stderr)  # for checks of the logs
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -79,6 +80,8 @@ def test_two_ranks_train_like_one(runs, one_rank, layout, local):
         assert got["time_sync"] > 0
     assert rows[-1]["eval_accuracy"] == one_rank[-1]["eval_accuracy"]
     assert (runs / name / "checkpoints" / "step_00000003").exists()
+    out = (runs / f"{name}.out").read_text()  # rank 0 logs; rank 1's lines (the same) are not repeated
+    assert out.count("] - done: {") == 1 and out.count("initial weights:") == 1, out[-3000:]
 
 
 def test_jsonl_prompts_with_composed_rewards(tmp_path):
@@ -120,8 +123,8 @@ def test_hydra_multirun_locally_gives_each_run_its_folder(tmp_path):
     """`gift-train -m algo=gift,grpo ...` with Hydra's basic launcher: one run after the other, each
     in its own folder under the sweep folder (no "," or "=" in paths), both training."""
     proc = subprocess.run([sys.executable, "-m", "gift_megatron.train", "-m", "algo=gift,grpo", "num_steps=1",
-                           "eval_every=1", "save_every=1", f"hydra.sweep.dir={tmp_path}/sweep",
-                           f"data.warmup_cache_dir={tmp_path}/.warmup_cache"], cwd=ROOT, capture_output=True,
+                           "eval_every=1", "save_every=1", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=ROOT,
+                          capture_output=True,
                           text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, explain(proc)
     for num, algo in enumerate(["gift", "grpo"]):

@@ -166,15 +166,11 @@ def iter_full_tensors(ckpt_dir: str | Path, mapping: ModelMapping) -> Iterator[t
 
 def init_single_process() -> None:
     """One-process torch.distributed + megatron parallel state, for the conversion tools."""
-    import os
-
     import torch.distributed as dist
 
-    from gift_megatron.megatron.parallel import init_model_parallel
+    from gift_megatron.megatron.parallel import init_model_parallel, loopback_store
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not dist.is_initialized():  # its store listens on 127.0.0.1 only
+        dist.init_process_group("gloo", store=loopback_store(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         init_model_parallel(ParallelConfig(), seed=0, on_gpu=False)

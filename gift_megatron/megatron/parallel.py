@@ -80,13 +80,13 @@ def init_distributed(parallel: ParallelConfig, on_gpu: bool) -> RankInfo:
             raise ValueError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
                              "(torchrun sets them; under Slurm export them from the first node's address)")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        store = _loopback_store() if info.world_size == 1 else None
+        store = loopback_store() if info.world_size == 1 else None
         dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=info.rank,
                                 world_size=info.world_size)
     return info
 
 
-def _loopback_store() -> dist.TCPStore:
+def loopback_store() -> dist.TCPStore:
     """A one-process world's store on 127.0.0.1 only, at MASTER_PORT or a free port (runs may share a
     machine). env:// would open a TCPStore listening on every interface or, with launch_local's
     TORCHELASTIC_USE_AGENT_STORE inherited (a multi-rank run's warm-up subprocess), wait for a store
