@@ -26,7 +26,7 @@ def _config(world: int, hidden: int, layers: int) -> Config:
         model=ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=4 * hidden,
                           num_attention_heads=hidden // 64, num_query_groups=hidden // 64, kv_channels=64,
                           vocab_size=32768, make_vocab_size_divisible_by=1, max_position_embeddings=512),
-        parallel=ParallelConfig(world_size=world, tensor_model_parallel_size=world, micro_batch_size=1),
+        parallel=ParallelConfig(world_size=world, tensor_model_parallel_size=world, micro_batch_size=4),
         algo=AlgoConfig(name="gift", group_size=4), rollout=RolloutConfig(engine="vllm_server"), device="cpu")
 
 
