@@ -87,12 +87,12 @@ def init_distributed(parallel: ParallelConfig, on_gpu: bool) -> RankInfo:
 
 
 def loopback_store() -> dist.TCPStore:
-    """A one-process world's store on 127.0.0.1 only, at MASTER_PORT or a free port (runs may share a
-    machine). env:// would open a TCPStore listening on every interface or, with launch_local's
-    TORCHELASTIC_USE_AGENT_STORE inherited (a multi-rank run's warm-up subprocess), wait for a store
-    nobody opens."""
-    sock = listening_socket("127.0.0.1", int(os.environ.get("MASTER_PORT", 0)))
-    os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    """A one-process world's store on 127.0.0.1 only, on a fresh port each time (runs may share a
+    machine; a Hydra multirun builds several worlds in one process; MASTER_PORT inherited from a
+    parent would make concurrent runs collide). env:// would open a TCPStore listening on every
+    interface or, with launch_local's TORCHELASTIC_USE_AGENT_STORE inherited (a multi-rank run's
+    warm-up subprocess), wait for a store nobody opens."""
+    sock = listening_socket("127.0.0.1", 0)
     return dist.TCPStore("127.0.0.1", sock.getsockname()[1], 1, True, master_listen_fd=sock.detach())
 
 
