@@ -6,7 +6,9 @@ megatron's checkpoint-writer Manager, multiprocessing's resource tracker, reward
 The guard waits for the trainer to end, then sends SIGTERM to every process carrying the token and
 SIGKILL to those still alive after a grace period. A process group would not do: children that
 start their own session (vLLM servers do, so that Ctrl-C reaches the trainer alone) leave the group,
-and Slurm/torchrun kill only what they started. Linux only (/proc).
+and Slurm/torchrun kill only what they started. Linux only (/proc). A launcher that forwards the
+environment to processes that are not the run's own (sbatch does) must empty the token for them:
+conf/hydra/launcher/gift_slurm.yaml does.
 
     python -m gift_megatron.guard PID START_TIME TOKEN     # what protect() starts
 """
