@@ -53,12 +53,17 @@ def write_manifest(folder: Path, entries: dict[str, dict]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     tmp.rename(path)
+    fsync_dir(folder)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames inside `folder` durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return path
 
 
 def read_manifest(folder: Path) -> dict[str, dict] | None:

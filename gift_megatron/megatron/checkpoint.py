@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -35,6 +34,7 @@ from gift_megatron.manifest import (
     check_files,
     checkpoint_files,
     digest_files,
+    fsync_dir,
     read_manifest,
     write_manifest,
 )
@@ -418,13 +418,5 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
-    _fsync_dir(final.parent)  # the rename itself survives a power cut
+    fsync_dir(final.parent)  # the rename itself survives a power cut
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
