@@ -176,7 +176,7 @@ def _all_gather_json(obj) -> list:
     dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.long))
     longest = max(int(n) for n in sizes)
     mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # JSON text is never empty
     bufs = [torch.empty(longest, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(bufs, mine)
     return [json.loads(b[:int(n)].numpy().tobytes().decode()) for b, n in zip(bufs, sizes)]
