@@ -126,8 +126,11 @@ def _server_secret(jid: str) -> str:
             rpc = {"method": "gift_checksum"}
             url = "http://127.0.0.1:8000/collective_rpc"
             assert requests.post(url, json=rpc, timeout=60).status_code == 401
-            assert requests.post(url, json=rpc, headers={"Authorization": f"Bearer {secret}"},
-                                 timeout=60).status_code == 200
+            # with the secret: a read-only endpoint (an RPC here would race the trainer's own weight sync,
+            # whose reload session leaves the worker's parameters mid-swap: a 500 that says nothing of auth)
+            models = "http://127.0.0.1:8000/v1/models"
+            assert requests.get(models, timeout=60).status_code == 401
+            assert requests.get(models, headers={"Authorization": f"Bearer {secret}"}, timeout=60).status_code == 200
             return secret
     raise AssertionError(f"no vLLM server of job {jid} with GIFT_SERVER_SECRET in its environment")
 
