@@ -39,7 +39,7 @@ def _worker(rank, world, hidden, layers, repeats, root):
 
     cfg = _config(world, hidden, layers)
     init_model_parallel(cfg.parallel, 1, on_gpu=False)
-    policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=10)
+    policy = build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=10)
     rows = []
     for i in range(repeats):
         folder = Path(root) / f"r{i}"

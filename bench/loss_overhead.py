@@ -31,7 +31,7 @@ def _worker(rank, world, prompts, group_size, seq, steps):
     for algo in ("grpo", "gift"):
         cfg = _config(1, 1, 1, None, 1, prompts, group_size, algo=algo)
         init_model_parallel(cfg.parallel, 0, on_gpu=False)
-        policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=100)
+        policy = build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=100)
         batch = synthetic_batch(prompts, group_size, seq)
         g = torch.Generator().manual_seed(1)
         mb = cfg.parallel.micro_batch_size

@@ -49,7 +49,7 @@ def _config(world, tp, pp, vpp, nmb, prompts, group_size, algo="gift") -> Config
 
 def synthetic_batch(prompts: int, group_size: int, seq: int):
     """P x G random sequences (the last 3/4 of each is the response) with 0/1 rewards and GRPO advantages."""
-    from gift_megatron.megatron.train_step import RolloutBatch
+    from gift_megatron.rollout.batch import RolloutBatch
 
     n = prompts * group_size
     g = torch.Generator().manual_seed(0)
@@ -69,7 +69,7 @@ def _worker(rank, world, tp, pp, vpp, nmb, prompts, group_size, seq, steps):
 
     cfg = _config(world, tp, pp, vpp, nmb, prompts, group_size)
     init_model_parallel(cfg.parallel, 0, on_gpu=False)
-    policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=100)
+    policy = build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=100)
     batch = synthetic_batch(prompts, group_size, seq)
     g = torch.Generator().manual_seed(1)
     batch.ref_logp_BT = torch.randn(batch.tokens_BS.shape[0], seq - 1, generator=g) * 0.1 - 8.0

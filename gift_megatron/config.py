@@ -124,7 +124,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
-    micro_batch_size: int = 8
+    micro_batch_size: int = 64
     """Samples per micro-batch per DP rank: a multiple of G / DP, so a micro-batch holds whole groups."""
     use_distributed_optimizer: bool = True
     offload_reference: bool = False
@@ -177,10 +177,10 @@ class AlgoConfig:
     skip_uninformative_groups: bool = False
     """GIFT: leave groups whose rewards are all equal out of the loss (their target z = 0 only pulls
     the samples' implicit rewards together, towards the baseline)."""
-    reference_refresh_every: int = 0
+    reference_refresh_every: int = 20
     """GIFT/KL: every N steps the reference becomes a copy of the current policy (0: frozen initial
-    policy, the paper; conf/algo/gift.yaml sets 20, docs/gift_convergence.md). Checkpoints then hold
-    the reference too."""
+    policy, the paper's and every baseline's: their conf/algo/*.yaml set 0; 20 for GIFT,
+    docs/gift_convergence.md). Checkpoints then hold the reference too."""
     # PPO-style baselines
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -240,7 +240,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 8
+    max_new_tokens: int = 6
     stop: list[str] = field(default_factory=list)
     gpu_memory_utilization: float = 0.5
     cpu_kvcache_space_gib: int = 1
@@ -307,7 +307,7 @@ class DataConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     use_chat_template: bool = False
-    max_prompt_length: int = 32
+    max_prompt_length: int = 16
     num_prompts_per_step: int = 32
     num_eval_prompts: int = 500
     seed: int = 0
@@ -420,8 +420,8 @@ class Config:
     log_all_ranks: bool = False
     """Multi-rank runs log from global rank 0 only (other ranks' errors still show); true: every rank
     logs, each line prefixed with its rank."""
-    num_steps: int = 100
-    eval_every: int = 10
+    num_steps: int = 200
+    eval_every: int = 25
     """Held-out evaluation every N steps (and at the last); data.num_eval_prompts=0 switches it off."""
     eval_num_samples: int = 0
     """k > 1: each eval also samples k answers per prompt and logs eval_avg@k and eval_pass@k."""
@@ -434,6 +434,14 @@ class Config:
     on the command line still overrides its fields."""
     resume: bool = True
     """Continue from the newest checkpoint in run_dir when there is one."""
+    log_entropy: bool = True
+    """Log the policy's mean token entropy each step: a full-vocabulary pass over every micro-batch's
+    logits (false saves it on large vocabularies)."""
+
+    @property
+    def on_gpu(self) -> bool:
+        """Where the trainer runs: `device`, with auto meaning CUDA when a GPU is visible."""
+        return self.device == "cuda" or (self.device == "auto" and _cuda_available())
 
     def __post_init__(self) -> None:
         _one_of("", "device", self.device, ("auto", "cpu", "cuda"))
@@ -483,7 +491,7 @@ def _check_rollout(cfg: Config) -> None:
         raise ValueError(f"parallel.world_size={cfg.parallel.world_size} with the in-process vLLM engine: it joins "
                          f"torch.distributed's default group, so it only fits a one-process trainer; use "
                          f"rollout=vllm_servers (servers started by rank 0, or rollout.server_urls)")
-    if cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_available()):
+    if not cfg.on_gpu:
         if cfg.model.kv_channels not in VLLM_CPU_HEAD_SIZES:
             raise ValueError(f"model.kv_channels={cfg.model.kv_channels} (head dim) is not supported by vLLM "
                              f"on CPU: use one of {list(VLLM_CPU_HEAD_SIZES)}")

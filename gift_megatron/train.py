@@ -1,4 +1,4 @@
-"""gift-train: Hydra entry point. Config -> components -> loop; no math here.
+"""gift-train: Hydra entry point. Config -> trainer (gift_megatron.build) -> loop; no math here.
 
     gift-train                          # the embedded default: tiny model, 2-digit addition, GIFT, CPU
     gift-train algo=grpo num_steps=50   # any field or group from conf/
@@ -74,7 +74,7 @@ def main(dict_cfg: DictConfig) -> dict:
     log_from_rank0(launcher_rank(), dict_cfg.log_all_ranks)
     quiet_third_party(dict_cfg.log_level)  # before megatron's import: it logs INFO lines as it loads
     from gift_megatron.build import build
-    from gift_megatron.trainer import Preempted, StopFlag, close, maybe_resume, run
+    from gift_megatron.trainer import Preempted, StopFlag
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm's warning before the time limit
         signal.signal(sig, StopFlag.request)
@@ -82,15 +82,15 @@ def main(dict_cfg: DictConfig) -> dict:
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         dict_cfg.run_dir = hc.runtime.output_dir  # each sweep job its own run folder
     cfg = to_config(apply_model_preset(dict_cfg, list(hc.overrides.task)))
-    components = build(cfg)
+    trainer = build(cfg)
     try:
-        maybe_resume(components)
-        summary = run(components)
+        trainer.resume()
+        summary = trainer.run()
     except Preempted as stop:
         log.warning("%s: checkpoint saved; exiting with %d so the job can be requeued", stop, EXIT_PREEMPTED)
         sys.exit(EXIT_PREEMPTED)
     finally:
-        close(components)
+        trainer.close()
     log.info("done: %s", summary)
     return summary
 

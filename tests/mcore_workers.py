@@ -62,7 +62,7 @@ def step_batch(seed=0):
 def local_batch(cfg: Config, seed=0):
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.megatron.train_step import RolloutBatch
+    from gift_megatron.rollout.batch import RolloutBatch
 
     tokens, resp, rewards, adv, old, ref = step_batch(seed)
     dp = cfg.parallel.data_parallel_size
@@ -76,7 +76,7 @@ def setup(cfg: Config, seed: int = 1):
     from gift_megatron.megatron.policy import build_policy
 
     init_model_parallel(cfg.parallel, seed, on_gpu=False)
-    return build_policy(cfg, on_gpu=False, total_optimizer_steps=100)
+    return build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=100)
 
 
 def train(policy, cfg: Config, batch, steps: int = 1) -> list[dict]:

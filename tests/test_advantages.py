@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gift_megatron.algo import GroupFilter, group_advantages, overlong_penalty
-from gift_megatron.algo.advantages import nonconstant_groups
+from gift_megatron.algo.advantages import informative_groups
 from tests.reference import ref_advantages
 
 
@@ -50,16 +50,21 @@ def test_overlong_penalty_dapo_formula():
 
 def test_dynamic_sampling_keeps_informative_groups_and_refills():
     filt = GroupFilter(num_groups_wanted=3)
-    # Round 1: groups 0 (mixed), 1 (all 1), 2 (mixed) -> 2 kept.
-    gi = torch.tensor([0, 0, 1, 1, 2, 2])
+    # Round 1: groups a (mixed), b (all 1), c (mixed) -> 2 kept, b set aside.
     r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
-    assert nonconstant_groups(r, gi, 3).tolist() == [True, False, True]
-    filt.add(gi, 3, r, ids=torch.arange(6))
-    assert not filt.full and filt.num_groups_kept == 2 and filt.num_groups_dropped == 1
-    # Round 2: groups 0 (all 0), 1 (mixed), 2 (mixed): the batch is full after the first of them.
-    filt.add(gi, 3, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0]), ids=torch.arange(6, 12))
-    assert filt.full
-    batch = filt.take()
-    assert batch["ids"].tolist() == [0, 1, 4, 5, 8, 9]
-    assert batch["group_index"].tolist() == [0, 0, 1, 1, 2, 2]
-    assert batch["rewards"].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+    assert informative_groups(r, torch.tensor([0, 0, 1, 1, 2, 2]), 3).tolist() == [True, False, True]
+    filt.add(["a", "b", "c"], r)
+    assert not filt.full and filt.kept == ["a", "c"] and filt.dropped == ["b"]
+    assert filt.frac_informative == pytest.approx(2 / 3)
+    # Round 2: d (all 0), e (mixed), f (mixed): full; the batch is the first 3 kept, in arrival order.
+    filt.add(["d", "e", "f"], torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0]))
+    assert filt.full and filt.rounds == 2 and filt.frac_informative == 1.0
+    assert filt.take() == ["a", "c", "e"]
+
+
+def test_dynamic_sampling_tops_up_with_set_aside_groups_when_rounds_run_out():
+    filt = GroupFilter(num_groups_wanted=3)
+    filt.add(["a", "b", "c"], torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]))  # only b is informative
+    assert not filt.full
+    assert filt.take() == ["b", "a", "c"]  # kept first, then the set-aside ones in arrival order
+    assert filt.frac_informative == pytest.approx(1 / 3)

@@ -115,7 +115,7 @@ def _training_ckpt_worker(rank, world, out, ckpt_root):
                  parallel=ParallelConfig(world_size=2, tensor_model_parallel_size=2), device="cpu",
                  rollout=RolloutConfig(engine="vllm_server"))
     init_model_parallel(cfg.parallel, seed=5, on_gpu=False)
-    policy = build_policy(cfg, on_gpu=False, total_optimizer_steps=10)
+    policy = build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=10)
     load_model_weights(f"{out}/weights", policy.chunks)
     save_checkpoint(ckpt_root, 7, policy, {})
     return {}

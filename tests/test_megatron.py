@@ -228,7 +228,7 @@ def _reference_worker(rank, world):
 
     cfg = W.make_config(world)
     policy = W.setup(cfg)
-    reference = build_reference(cfg, on_gpu=False)
+    reference = build_reference(cfg.model, cfg.parallel, on_gpu=False)
     copy_weights(policy.chunks, reference)
     batch = W.local_batch(cfg)
     before = W.logprobs_everywhere(reference, cfg, batch)
@@ -320,7 +320,7 @@ def _reference_ckpt_worker(rank, world, ckpt, root, phase):
 
     cfg = W.make_config(world, tp=2)
     policy = W.setup(cfg, seed=1 if phase == "save" else 5)
-    reference = build_reference(cfg, on_gpu=False)
+    reference = build_reference(cfg.model, cfg.parallel, on_gpu=False)
     if phase == "save":
         load_model_weights(ckpt, policy.chunks)
         W.train(policy, cfg, W.local_batch(cfg))

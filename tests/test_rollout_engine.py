@@ -47,7 +47,8 @@ def _trainer_logprobs(chunks, sequences, prompt_lens):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.megatron.train_step import RolloutBatch, compute_logprobs
+    from gift_megatron.megatron.train_step import compute_logprobs
+    from gift_megatron.rollout.batch import RolloutBatch
 
     S = max(len(s) for s in sequences)
     tokens = torch.zeros(len(sequences), S, dtype=torch.long)

@@ -51,47 +51,44 @@ def overlong_penalty(
     return (-exceed / buffer_length * penalty_factor).clamp(min=-penalty_factor, max=0.0)
 
 
-def nonconstant_groups(rewards_B: torch.Tensor, group_index_B: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """DAPO dynamic sampling: True for groups whose rewards are not all equal (bool, shape P).
-
-    Runs where all rewards of a group are present (the rollout side, before data is sharded).
-    """
+def informative_groups(rewards_B: torch.Tensor, group_index_B: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """True for groups whose rewards are not all equal (bool, shape P): the groups with a learning
+    signal (A != 0). Their complement is what `skip_uninformative_groups` and DAPO's dynamic sampling
+    leave out. Runs where all rewards of a group are present (the rollout side, before sharding)."""
     stats = group_stats(rewards_B, group_index_B, num_groups)
     return stats.std_P > 0
 
 
 class GroupFilter:
-    """Accumulate the groups that DAPO's dynamic sampling keeps until a batch of P is full.
+    """DAPO's dynamic sampling: gather P informative groups over several generation rounds.
 
-    Each `add` takes a generated batch (any per-sample tensors, aligned with `group_index_B`) and
-    keeps its non-constant groups; `full` says whether P groups were gathered; `take` returns the
-    first P groups re-indexed 0..P-1. The caller regenerates while not full, up to its round limit.
+    Each `add` takes one round's groups (any per-group items, prompt-major) and their rewards (G per
+    group): informative groups are kept in arrival order, the others set aside. The caller generates
+    rounds while not `full`, up to its round limit; `take` then returns P groups, the kept ones first,
+    topped up with set-aside ones (zero advantage) when the rounds ran out before P were kept.
     """
 
     def __init__(self, num_groups_wanted: int) -> None:
         self.num_groups_wanted = num_groups_wanted
-        self._kept: list[dict[str, torch.Tensor]] = []
-        self.num_groups_kept = 0
-        self.num_groups_dropped = 0
+        self.kept: list = []
+        self.dropped: list = []
+        self.rounds = 0
 
-    def add(self, group_index_B: torch.Tensor, num_groups: int, rewards_B: torch.Tensor, **fields: torch.Tensor):
-        keep_P = nonconstant_groups(rewards_B, group_index_B, num_groups)
-        new_index_P = torch.cumsum(keep_P.long(), 0) - 1 + self.num_groups_kept
-        keep_B = keep_P[group_index_B]
-        batch = {k: v[keep_B] for k, v in fields.items()}
-        batch["rewards"] = rewards_B[keep_B]
-        batch["group_index"] = new_index_P[group_index_B][keep_B]
-        self._kept.append(batch)
-        self.num_groups_kept += int(keep_P.sum())
-        self.num_groups_dropped += int((~keep_P).sum())
+    def add(self, groups: list, rewards_B: torch.Tensor) -> None:
+        P = len(groups)
+        informative_P = informative_groups(rewards_B, torch.arange(P).repeat_interleave(len(rewards_B) // P), P)
+        for group, informative in zip(groups, informative_P.tolist()):
+            (self.kept if informative else self.dropped).append(group)
+        self.rounds += 1
 
     @property
     def full(self) -> bool:
-        return self.num_groups_kept >= self.num_groups_wanted
+        return len(self.kept) >= self.num_groups_wanted
 
-    def take(self) -> dict[str, torch.Tensor]:
-        merged = {k: torch.cat([b[k] for b in self._kept]) for k in self._kept[0]} if self._kept else {}
-        if not merged:
-            return merged
-        within = merged["group_index"] < self.num_groups_wanted
-        return {k: v[within] for k, v in merged.items()}
+    @property
+    def frac_informative(self) -> float:
+        """Informative share of the batch `take` returns."""
+        return min(len(self.kept), self.num_groups_wanted) / self.num_groups_wanted
+
+    def take(self) -> list:
+        return (self.kept + self.dropped)[: self.num_groups_wanted]

@@ -19,9 +19,3 @@ def dp_sample_indices(num_prompts: int, group_size: int, dp_rank: int, dp_size: 
     within = torch.arange(per_rank).repeat(num_prompts) + dp_rank * per_rank
     return prompts * group_size + within
 
-
-def prompt_ranges(num_prompts: int, num_parts: int) -> list[range]:
-    """Split prompts into `num_parts` equal contiguous ranges (mini-batches)."""
-    assert num_prompts % num_parts == 0, "num_prompts_per_step must be divisible (validated in config)"
-    size = num_prompts // num_parts
-    return [range(i * size, (i + 1) * size) for i in range(num_parts)]

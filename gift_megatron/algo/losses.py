@@ -7,7 +7,8 @@ its sum over all micro-batches and all data-parallel ranks is the loss of the wh
 because each aggregation divides by counts taken over the whole mini-batch (`LossNorm`, computed
 once per mini-batch by `global_norm`). Summing gradients over micro-batches and all-reducing them
 (SUM) over DP therefore gives exactly the single-process gradient, whatever the split.
-Metrics are computed under no_grad.
+Metrics are detached 0-dim tensors, computed under no_grad: the caller reduces them once after the
+schedule (no host sync per micro-batch on GPU).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ class LossBatch:
 
     logp_BT: torch.Tensor  # current policy log-probs of the sampled tokens (requires grad)
     mask_BT: torch.Tensor  # 1.0 on response tokens, 0.0 on padding
-    advantages_B: torch.Tensor  # explicit group advantages (see advantages.group_advantages)
-    rewards_B: torch.Tensor  # explicit rewards (GIFT's beta(x) metric)
-    group_index_B: torch.Tensor  # prompt of each sample in [0, num_groups)
-    num_groups: int
+    advantages_B: torch.Tensor | None = None  # explicit group advantages (see advantages.group_advantages)
+    rewards_B: torch.Tensor | None = None  # explicit rewards (GIFT's beta(x) metric)
+    group_index_B: torch.Tensor | None = None  # prompt of each sample in [0, num_groups)
+    num_groups: int = 0
     old_logp_BT: torch.Tensor | None = None  # rollout-time policy (detached)
     ref_logp_BT: torch.Tensor | None = None  # frozen reference policy (detached)
 
@@ -71,16 +72,17 @@ def _seq_sum(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return (x_BT * mask_BT).sum(-1)
 
 
-def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
-    return float(_seq_sum(x_BT, mask_BT).sum() / mask_BT.sum().clamp(min=1))
+def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    return _seq_sum(x_BT, mask_BT).sum() / mask_BT.sum().clamp(min=1)
 
 
-def _percentiles(x: torch.Tensor, prefix: str) -> dict[str, float]:
-    x = x[torch.isfinite(x)]
-    if x.numel() == 0:
-        return {}
-    q = torch.quantile(x.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-    return {f"{prefix}_p10": float(q[0]), f"{prefix}_median": float(q[1]), f"{prefix}_p90": float(q[2])}
+def _percentiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """p10 / median / p90 of the finite values; NaN when there are none (the same keys every call, so
+    ranks reduce the same metrics; the reduction leaves NaNs out)."""
+    x = x[torch.isfinite(x)].double()
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=x.device)
+    q = torch.quantile(x, q) if x.numel() else torch.full_like(q, float("nan"))
+    return {f"{prefix}_p10": q[0], f"{prefix}_median": q[1], f"{prefix}_p90": q[2]}
 
 
 def gift_loss(
@@ -95,7 +97,7 @@ def gift_loss(
     skip_uninformative_groups: bool = False,
     eps: float = 1e-6,
     dp_group: dist.ProcessGroup | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GIFT: mean over samples of (A_i - z_i)^2 (DESIGN.md).
 
     s_i = sum_t (log pi - log pi_base) / L_i^p is the implicit reward, pi_base the frozen reference
@@ -134,10 +136,10 @@ def gift_loss(
         beta_P = r_stats.std_P / s_stats.std_P  # self-tuned KL coefficient per prompt
         informative_P = (r_stats.std_P > 0) & (s_stats.std_P > 0)
         metrics = {
-            "implicit_reward_mean": float(s_B.mean()),
-            "implicit_std_median": float(s_stats.std_P.median()),
-            "frac_groups_below_floor": float((s_stats.std_P < implicit_std_floor).double().mean()),
-            "z_abs_mean": float(z_B.abs().mean()),
+            "implicit_reward_mean": s_B.detach().mean(),
+            "implicit_std_median": s_stats.std_P.detach().median(),
+            "frac_groups_below_floor": (s_stats.std_P < implicit_std_floor).double().mean(),
+            "z_abs_mean": z_B.detach().abs().mean(),
             **_percentiles(torch.log(beta_P[informative_P]), "log_beta"),
         }
     return loss, metrics
@@ -151,7 +153,7 @@ def sft_loss(batch: LossBatch, norm: LossNorm, *, dp_group: dist.ProcessGroup | 
     return loss, metrics
 
 
-def _ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict[str, float]:
+def _ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "ratio_mean": _masked_mean(log_ratio.exp(), mask),
         "clip_frac": _masked_mean(clipped.float(), mask),
@@ -174,7 +176,7 @@ def ppo_clip_loss(
     kl_coef: float = 0.0,
     loss_agg_mode: str = "seq-mean-token-mean",
     dp_group: dist.ProcessGroup | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's (and DAPO's) token-level PPO-clip surrogate, optional k3 KL to the reference.
 
     loss_t = max(-A r_t, -A clip(r_t, 1 - low, 1 + high)) + kl_coef * k3_t, r_t = pi / pi_old.
@@ -188,7 +190,7 @@ def ppo_clip_loss(
     unclipped_BT = -adv_BT * ratio_BT
     clipped_BT = -adv_BT * ratio_BT.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
     loss_BT = torch.maximum(unclipped_BT, clipped_BT)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     if kl_coef:
         if batch.ref_logp_BT is None:
             raise ValueError("kl_coef > 0 needs the reference log-probs (ref_logp)")
@@ -209,7 +211,7 @@ def gspo_loss(
     clip_ratio_high: float = 4e-4,
     kl_coef: float = 0.0,
     dp_group: dist.ProcessGroup | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO: sequence-level ratio s_i = exp(mean_t log(pi / pi_old)), clipped at 3e-4 / 4e-4.
 
     loss = mean over sequences of max(-A s_i, -A clip(s_i, 1 - low, 1 + high)) (seq-mean), plus an
@@ -225,7 +227,7 @@ def gspo_loss(
     unclipped_B = -adv_B * seq_ratio_B
     clipped_B = -adv_B * seq_ratio_B.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
     loss = torch.maximum(unclipped_B, clipped_B).sum() / norm.num_samples
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     if kl_coef:
         if batch.ref_logp_BT is None:
             raise ValueError("kl_coef > 0 needs the reference log-probs (ref_logp)")
@@ -234,8 +236,8 @@ def gspo_loss(
         metrics["kl_ref"] = _masked_mean(kl_BT.detach(), mask_BT)
     with torch.no_grad():
         metrics.update({
-            "ratio_mean": float(seq_ratio_B.mean()),
-            "clip_frac": float((clipped_B > unclipped_B).float().mean()),
+            "ratio_mean": seq_ratio_B.detach().mean(),
+            "clip_frac": (clipped_B > unclipped_B).float().mean(),
             "approx_kl_old": _masked_mean(0.5 * log_ratio_BT.square(), mask_BT),
         })
     return loss, metrics

@@ -9,7 +9,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from gift_megatron.config import Config, ModelConfig, OptimConfig, ParallelConfig
+from gift_megatron.config import ModelConfig, OptimConfig, ParallelConfig
 from gift_megatron.megatron.model import DTYPES, build_gpt_models
 
 
@@ -44,30 +44,31 @@ def _finalize_grads(model, num_tokens=None, **kwargs):
     return finalize_model_grads(model, None, **kwargs)
 
 
-def build_policy(cfg: Config, *, on_gpu: bool, total_optimizer_steps: int) -> Policy:
+def build_policy(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, *, on_gpu: bool,
+                 total_optimizer_steps: int) -> Policy:
     """GPTModel chunks wrapped in megatron DDP, the (distributed) Adam optimizer and its LR schedule.
 
     Gradients are reduced by SUM over DP (calculate_per_token_loss): our losses are shares of the
     global loss. The schedule's finalize hook runs megatron's `finalize_model_grads` (DP reduction,
     tied-embedding all-reduce across pipeline stages).
     """
-    chunks = build_gpt_models(cfg.model, cfg.parallel, on_gpu=on_gpu)
+    chunks = build_gpt_models(model, parallel, on_gpu=on_gpu)
     tconfig = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     ddp_chunks = [
         DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
-    optimizer = get_megatron_optimizer(_optimizer_config(cfg.optim, cfg.model, cfg.parallel), ddp_chunks)
+    optimizer = get_megatron_optimizer(_optimizer_config(optim, model, parallel), ddp_chunks)
     tconfig.no_sync_func = [c.no_sync for c in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
     tconfig.finalize_model_grads_func = _finalize_grads
     tconfig.grad_scale_func = optimizer.scale_loss
-    o = cfg.optim
+    o = optim
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=max(total_optimizer_steps, o.lr_warmup_steps + 1),
@@ -77,9 +78,9 @@ def build_policy(cfg: Config, *, on_gpu: bool, total_optimizer_steps: int) -> Po
     return Policy(ddp_chunks, optimizer, scheduler)
 
 
-def build_reference(cfg: Config, *, on_gpu: bool) -> list[torch.nn.Module]:
+def build_reference(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool) -> list[torch.nn.Module]:
     """The frozen reference: same layout as the policy, eval mode, no grads, no optimizer state."""
-    chunks = build_gpt_models(cfg.model, cfg.parallel, on_gpu=on_gpu)
+    chunks = build_gpt_models(model, parallel, on_gpu=on_gpu)
     for chunk in chunks:
         chunk.eval()
         chunk.requires_grad_(False)

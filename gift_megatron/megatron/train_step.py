@@ -2,7 +2,7 @@
 
 Legend: B = samples on this DP rank, S = sequence positions, T = S - 1 predicted positions.
 
-A `RolloutBatch` is this DP rank's share of one mini-batch, prompt-major (G/DP samples of each
+A `RolloutBatch` (rollout/batch.py) is this DP rank's share of one mini-batch, prompt-major (G/DP samples of each
 prompt in turn). Micro-batches are contiguous slices of `micro_batch_size` samples: whole groups, the
 same prompts on every DP rank (DESIGN.md). The forward step runs the model chunk; on the last
 pipeline stage the loss function turns the vocab-sharded logits into log-probs and calls the
@@ -12,9 +12,8 @@ algorithm's loss with the DP group. Pipelining (none, 1F1B, interleaved) is mega
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -23,27 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from gift_megatron.algo import LossBatch, LossNorm, global_norm, vocab_parallel_entropy, vocab_parallel_logprobs
-
-
-@dataclass
-class RolloutBatch:
-    tokens_BS: torch.Tensor  # prompt + response token ids, right-padded
-    response_mask_BS: torch.Tensor  # 1.0 where tokens_BS holds a response token
-    rewards_B: torch.Tensor
-    advantages_B: torch.Tensor
-    samples_per_prompt: int  # G / DP
-    old_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (rollout policy)
-    ref_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (reference)
-
-    def select(self, idx: torch.Tensor | slice) -> RolloutBatch:
-        pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        return replace(self, tokens_BS=self.tokens_BS[idx], response_mask_BS=self.response_mask_BS[idx],
-                       rewards_B=self.rewards_B[idx], advantages_B=self.advantages_B[idx],
-                       old_logp_BT=pick(self.old_logp_BT), ref_logp_BT=pick(self.ref_logp_BT))
-
-    @property
-    def mask_BT(self) -> torch.Tensor:
-        return self.response_mask_BS[:, 1:]
+from gift_megatron.rollout.batch import RolloutBatch
 
 
 def _causal_mask(seq_len: int, device) -> torch.Tensor:
@@ -66,26 +45,29 @@ class StepContext:
     vocab_size: int
     tp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    entropy: bool = True  # also the mean token entropy (a full-vocabulary pass over the logits)
 
 
 def _loss_func(mb: RolloutBatch, ctx: StepContext, logits_BSV: torch.Tensor):
+    """Last pipeline stage: vocab-sharded logits -> log-probs -> the algorithm's loss (GIFT:
+    algo/losses.py gift_loss). Metrics stay tensors; `_reduce_metrics` reduces them after the schedule."""
     target_BT = mb.tokens_BS[:, 1:]
     logits_BTV = logits_BSV[:, :-1]
     logp_BT = vocab_parallel_logprobs(logits_BTV, target_BT, ctx.tp_group, ctx.temperature, ctx.vocab_size)
     zero = torch.zeros((), dtype=torch.int)
     if ctx.loss_fn is None:
         return logp_BT.sum() * 0.0, zero, {"logp": logp_BT.detach()}
-    B = target_BT.shape[0]
     batch = LossBatch(
         logp_BT=logp_BT, mask_BT=mb.mask_BT.to(logp_BT.dtype), advantages_B=mb.advantages_B, rewards_B=mb.rewards_B,
-        group_index_B=torch.arange(B, device=logp_BT.device) // mb.samples_per_prompt,
-        num_groups=B // mb.samples_per_prompt, old_logp_BT=mb.old_logp_BT, ref_logp_BT=mb.ref_logp_BT,
+        group_index_B=mb.group_index_B, num_groups=mb.num_prompts, old_logp_BT=mb.old_logp_BT,
+        ref_logp_BT=mb.ref_logp_BT,
     )
     loss, metrics = ctx.loss_fn(batch, ctx.norm, dp_group=ctx.dp_group)
     with torch.no_grad():
-        entropy_BT = vocab_parallel_entropy(logits_BTV.detach(), ctx.tp_group, ctx.temperature, ctx.vocab_size)
-        metrics["entropy"] = float((entropy_BT * batch.mask_BT).sum() / batch.mask_BT.sum().clamp(min=1))
-        metrics["loss"] = float(loss)  # this micro-batch's share: summed, not averaged, below
+        if ctx.entropy:
+            entropy_BT = vocab_parallel_entropy(logits_BTV.detach(), ctx.tp_group, ctx.temperature, ctx.vocab_size)
+            metrics["entropy"] = (entropy_BT * batch.mask_BT).sum() / batch.mask_BT.sum().clamp(min=1)
+        metrics["loss"] = loss.detach()  # this micro-batch's share: summed, not averaged, below
     return loss, zero, metrics
 
 
@@ -111,9 +93,9 @@ def run_schedule(chunks, mbs: list[RolloutBatch], ctx: StepContext, forward_only
     )
 
 
-def _context(loss_fn, norm, temperature: float, vocab_size: int) -> StepContext:
-    return StepContext(loss_fn, norm, temperature, vocab_size,
-                       parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group())
+def _context(loss_fn, norm, temperature: float, vocab_size: int, entropy: bool = True) -> StepContext:
+    return StepContext(loss_fn, norm, temperature, vocab_size, parallel_state.get_tensor_model_parallel_group(),
+                       parallel_state.get_data_parallel_group(), entropy)
 
 
 @torch.no_grad()
@@ -129,17 +111,24 @@ def compute_logprobs(chunks, batch: RolloutBatch, micro_batch_size: int, tempera
     return torch.cat([o["logp"] for o in outs])
 
 
-def _reduce_metrics(per_micro_batch: list[dict]) -> dict[str, float]:
-    """Sum the loss shares, average the rest over micro-batches and DP; every rank gets the result."""
+def _reduce_metrics(per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Sum the loss shares, average the rest over micro-batches and DP (NaNs left out; a metric with
+    no value anywhere is dropped); every rank gets the result. One host sync for all of them."""
     keys = sorted(per_micro_batch[0]) if per_micro_batch else []
-    values = torch.tensor([[mb.get(k, float("nan")) for k in keys] for mb in per_micro_batch], dtype=torch.float64)
+    nan = torch.tensor(float("nan"))
+    values = torch.stack([torch.stack([mb.get(k, nan).detach().double().cpu() for k in keys])
+                          for mb in per_micro_batch]) if keys else torch.zeros(0, 0, dtype=torch.float64)
     summed = values.nansum(0) if len(keys) else values
     counts = (~values.isnan()).sum(0).double() if len(keys) else values
     dp = parallel_state.get_data_parallel_group()
     dist.all_reduce(summed, group=dp)
     dist.all_reduce(counts, group=dp)
-    # loss: shares of the global loss, summed over micro-batches and DP; the rest are averages.
-    result = {k: float(summed[i] / (1.0 if k == "loss" else counts[i])) for i, k in enumerate(keys)}
+    # loss: shares of the global loss, summed over micro-batches and DP (NaN if any share is: the step
+    # is skipped as non-finite); the rest are averages of their finite values.
+    result = {k: float(summed[i] / counts[i]) for i, k in enumerate(keys) if counts[i] and k != "loss"}
+    if "loss" in keys:
+        i = keys.index("loss")
+        result["loss"] = float(summed[i]) if counts[i] == values.shape[0] * dist.get_world_size(dp) else float("nan")
     # Only the last stage has them: broadcast along the pipeline.
     return _broadcast_metrics(result, parallel_state.get_pipeline_model_parallel_last_rank(),
                               parallel_state.get_pipeline_model_parallel_group())
@@ -162,7 +151,7 @@ def _broadcast_metrics(metrics: dict[str, float], src: int, group) -> dict[str, 
 
 
 def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: int, temperature: float,
-                     vocab_size: int) -> dict[str, float]:
+                     vocab_size: int, entropy: bool = True) -> dict[str, float]:
     """One optimizer step on one mini-batch; returns metrics reduced over micro-batches and ranks."""
     for chunk in policy.chunks:
         chunk.train()
@@ -170,7 +159,7 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
     policy.optimizer.zero_grad()
     norm = global_norm(batch.mask_BT, batch.mask_BT.shape[1], parallel_state.get_data_parallel_group())
     outs = run_schedule(policy.chunks, micro_batches(batch, micro_batch_size),
-                        _context(loss_fn, norm, temperature, vocab_size), forward_only=False)
+                        _context(loss_fn, norm, temperature, vocab_size, entropy), forward_only=False)
     lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step uses
     nonfinite = _nonfinite_anywhere(policy.chunks, outs)
     success, grad_norm = False, None
@@ -187,7 +176,8 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
 def _nonfinite_anywhere(chunks, outs: list[dict]) -> bool:
     """Whether any rank saw a non-finite loss or gradient: one flag, all-reduced over every rank, so
     all skip the update together. Reads the DDP gradient buffers once (contiguous)."""
-    bad, device = any(not math.isfinite(mb.get("loss", 0.0)) for mb in outs), torch.device("cpu")
+    losses = [mb["loss"] for mb in outs if "loss" in mb]
+    bad, device = bool(losses) and not bool(torch.isfinite(torch.stack(losses)).all()), torch.device("cpu")
     for chunk in chunks:
         for buffer in getattr(chunk, "buffers", []) + getattr(chunk, "expert_parallel_buffers", []):
             device = buffer.grad_data.device  # the process group's device (gloo: CPU, NCCL: GPU)
@@ -199,10 +189,11 @@ def _nonfinite_anywhere(chunks, outs: list[dict]) -> bool:
 
 
 def train_rollout_batch(policy, loss_fn, batch: RolloutBatch, *, num_mini_batches: int, micro_batch_size: int,
-                        temperature: float, vocab_size: int) -> list[dict[str, float]]:
+                        temperature: float, vocab_size: int, entropy: bool = True) -> list[dict[str, float]]:
     """Several optimizer steps on one rollout batch: contiguous prompt ranges, one step each."""
     B = batch.tokens_BS.shape[0]
     assert B % num_mini_batches == 0 and (B // num_mini_batches) % batch.samples_per_prompt == 0
     size = B // num_mini_batches
     return [train_mini_batch(policy, loss_fn, batch.select(slice(i, i + size)), micro_batch_size=micro_batch_size,
-                             temperature=temperature, vocab_size=vocab_size) for i in range(0, B, size)]
+                             temperature=temperature, vocab_size=vocab_size, entropy=entropy)
+            for i in range(0, B, size)]

@@ -1,4 +1,6 @@
-"""Supervised warm-up of a single-process policy (the embedded default's first stage).
+"""Supervised warm-up of a single-process policy (the embedded default's first stage), cached.
+
+    python -m gift_megatron.megatron.warmup RUN_DIR/config.yaml CACHE_PATH   # a multi-rank run's warm-up
 
 RL needs a non-zero starting accuracy. The model is trained with teacher forcing on prompt ->
 answer + EOS (AdamW on the plain megatron modules, before DDP wraps them) until its held-out exact
@@ -10,14 +12,31 @@ memorised and leaves RL nothing to learn).
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
-from gift_megatron.algo import vocab_parallel_logprobs
+from gift_megatron.algo import LossBatch, LossNorm, sft_loss, vocab_parallel_logprobs
+from gift_megatron.config import Config, ParallelConfig
+from gift_megatron.launch import free_port
+from gift_megatron.megatron.checkpoint import save_model_weights
+from gift_megatron.megatron.model import build_gpt_models
+from gift_megatron.megatron.parallel import init_distributed, init_model_parallel
+from gift_megatron.rollout.tasks import TaskData, build_task
 
 log = logging.getLogger(__name__)
+_SINGLE = ParallelConfig(world_size=1, micro_batch_size=1)
+WARMUP_CACHE_ENV = "GIFT_WARMUP_CACHE"  # one warm-up cache for every run of a machine (data.warmup_cache_dir wins)
 
 
 def pad_sequences(prompts: list[list[int]], answers: list[list[int]], pad_id: int):
@@ -63,13 +82,89 @@ def supervised_warmup(model, train: tuple[torch.Tensor, torch.Tensor], held_out:
         idx = torch.randint(0, tokens.shape[0], (batch_size,), generator=g)
         t, m = tokens[idx], mask[idx, 1:]
         logp = vocab_parallel_logprobs(_logits(model, t)[:, :-1], t[:, 1:], vocab_size=vocab_size)
-        loss = -(logp * m).sum() / m.sum()
+        loss, _ = sft_loss(LossBatch(logp, m), LossNorm(len(idx), float(m.sum()), m.shape[1]))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        step, nll = step + 1, float(loss)
+        step, nll = step + 1, float(loss.detach())
         if step % eval_every == 0:
             acc = exact_accuracy(model, *held_out, vocab_size)
             log.info("warm-up step %d: nll %.3f, held-out exact accuracy %.3f", step, nll, acc)
     model.eval()
     return {"warmup_steps": step, "warmup_accuracy": acc, "warmup_nll": nll}
+
+
+def warmup_cache_path(cfg: Config, cache_root: Path) -> Path:
+    """The cache entry of this model + task + warm-up settings (a hash of them)."""
+    d = cfg.data
+    files = [] if d.name == "addition" else [d.name, d.path, d.eval_path, d.tokenizer, d.prompt_field,
+                                             d.answer_field, d.use_chat_template, d.max_prompt_length]
+    key = json.dumps([dataclasses.asdict(cfg.model), d.seed, d.num_eval_prompts, d.warmup_target_accuracy,
+                      d.warmup_max_steps, d.warmup_lr, d.warmup_batch_size, cfg.seed, *files], sort_keys=True,
+                     default=str)
+    return cache_root / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def train_warmup(cfg: Config, task: TaskData, path: Path) -> None:
+    """Supervised warm-up of a one-process model (prompt -> answer + EOS); weights saved to `path`."""
+    (model,) = build_gpt_models(cfg.model, _SINGLE, on_gpu=cfg.on_gpu)
+    pairs = lambda ss: pad_sequences([s.prompt_ids for s in ss], [s.answer_ids + [task.eos_id] for s in ss],  # noqa: E731
+                                     task.pad_id)
+    stats = supervised_warmup(model, pairs(task.train), pairs(task.eval), vocab_size=cfg.model.vocab_size,
+                              lr=cfg.data.warmup_lr, batch_size=cfg.data.warmup_batch_size,
+                              max_steps=cfg.data.warmup_max_steps, target_accuracy=cfg.data.warmup_target_accuracy,
+                              seed=cfg.seed)
+    log.info("warm-up done: %s", stats)
+    save_model_weights(path, [model])
+    (path.parent / f"{path.name}.json").write_text(json.dumps(stats))
+
+
+def _warmup_in_subprocess(run_dir: Path, path: Path) -> None:
+    """A multi-rank run's warm-up: one process of its own (its own one-rank world), while the ranks wait."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID",
+                                                              "SLURM_NTASKS", "SLURM_LOCALID", "PMI_RANK",
+                                                              "PMI_SIZE", "OMPI_COMM_WORLD_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    subprocess.run([sys.executable, "-m", "gift_megatron.megatron.warmup", str(run_dir / "config.yaml"), str(path)],
+                   env=env, check=True)
+
+
+def initial_weights(cfg: Config, run_dir: Path, task: TaskData | None) -> Path | None:
+    """Collective. model.init_checkpoint, else the cached warm-up (trained now if missing: rank 0, once
+    even for concurrent runs), else None (random init)."""
+    if cfg.model.init_checkpoint:
+        return Path(cfg.model.init_checkpoint)
+    if cfg.data.warmup_max_steps == 0:
+        return None
+    if task is not None and not task.eval:
+        raise ValueError("the supervised warm-up stops at a held-out accuracy, but there are no held-out prompts: "
+                         "set data.num_eval_prompts > 0 (or data.eval_path), or start from model.init_checkpoint")
+    root = cfg.data.warmup_cache_dir or os.environ.get(WARMUP_CACHE_ENV) or run_dir.parent / ".warmup_cache"
+    path = warmup_cache_path(cfg, Path(root))
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f"{path.name}.lock", "w") as lock:  # concurrent runs (sweeps) train it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "metadata.json").exists():
+                if dist.get_world_size() == 1:
+                    train_warmup(cfg, task, path)
+                else:
+                    _warmup_in_subprocess(run_dir, path)
+    dist.barrier()
+    log.info("initial weights: %s", path)
+    return path
+
+
+def main(config_yaml: str, path: str) -> None:
+    """The warm-up for a multi-rank run, in a one-process world of its own."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_yaml)))
+    init_distributed(_SINGLE, cfg.on_gpu)
+    init_model_parallel(_SINGLE, cfg.seed, cfg.on_gpu)
+    train_warmup(cfg, build_task(cfg.data, cfg.model.vocab_size, Path(cfg.run_dir)), Path(path))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main(*sys.argv[1:3])

@@ -1,14 +1,14 @@
-"""Completions -> the padded step batch the trainer consumes (prompt-major, right-padded).
+"""The one batch type between rollout and training, and completions -> that batch. Pure torch.
 
-Legend: B = P x G samples, S = longest prompt + completion, T = S - 1 predicted positions.
-Sample j of prompt i is row i * G + j. Token t of a sequence is predicted at position t - 1, so a
-completion of n tokens after a prompt of p tokens occupies tokens_BS[:, p : p + n], response_mask_BS
-there, and engine_logp_BT[:, p - 1 : p - 1 + n].
+Legend: B = samples, S = longest prompt + completion, T = S - 1 predicted positions.
+Prompt-major: sample j of prompt i is row i * n + j, n = `samples_per_prompt`. Token t of a sequence
+is predicted at position t - 1, so a completion of c tokens after a prompt of p tokens occupies
+tokens_BS[:, p : p + c], response_mask_BS there, and the log-prob tensors' [:, p - 1 : p - 1 + c].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -16,16 +16,41 @@ from gift_megatron.rollout.engine import Completion
 
 
 @dataclass
-class StepBatch:
-    tokens_BS: torch.Tensor
-    response_mask_BS: torch.Tensor
-    engine_logp_BT: torch.Tensor  # the engine's log-probs of the sampled tokens (0 elsewhere)
-    group_index_B: torch.Tensor
-    response_lengths_B: torch.Tensor
-    finished_B: torch.Tensor  # True where the completion stopped (EOS / stop token) before the limit
+class RolloutBatch:
+    """One step's samples: built by the rollout stage (rollout/stage.py) with rewards and advantages,
+    sharded over DP ranks, completed with old/reference log-probs, consumed by megatron/train_step.py."""
+
+    tokens_BS: torch.Tensor  # prompt + response token ids, right-padded
+    response_mask_BS: torch.Tensor  # 1.0 where tokens_BS holds a response token
+    rewards_B: torch.Tensor | None
+    advantages_B: torch.Tensor | None  # A: group-relative advantages (algo/advantages.py)
+    samples_per_prompt: int  # rows per prompt in THIS batch: G as generated, G / DP in a DP rank's shard
+    old_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (rollout policy)
+    ref_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (reference)
+    engine_logp_BT: torch.Tensor | None = None  # the engine's log-probs of the sampled tokens (0 elsewhere)
+
+    def select(self, idx: torch.Tensor | slice) -> RolloutBatch:
+        """Rows `idx` of every per-sample tensor."""
+        picked = {f.name: getattr(self, f.name)[idx] for f in fields(self)
+                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **picked)
+
+    @property
+    def mask_BT(self) -> torch.Tensor:
+        return self.response_mask_BS[:, 1:]
+
+    @property
+    def num_prompts(self) -> int:
+        return self.tokens_BS.shape[0] // self.samples_per_prompt
+
+    @property
+    def group_index_B(self) -> torch.Tensor:
+        """The prompt of each row, 0 .. num_prompts - 1."""
+        return torch.arange(self.tokens_BS.shape[0], device=self.tokens_BS.device) // self.samples_per_prompt
 
 
-def build_step_batch(prompts: list[list[int]], groups: list[list[Completion]], pad_id: int) -> StepBatch:
+def pad_groups(prompts: list[list[int]], groups: list[list[Completion]], pad_id: int) -> RolloutBatch:
+    """Prompts and their groups of completions (G each) -> a RolloutBatch without rewards yet."""
     seqs = [(p, c) for p, group in zip(prompts, groups) for c in group]
     S = max(len(p) + len(c.token_ids) for p, c in seqs)
     B = len(seqs)
@@ -39,7 +64,13 @@ def build_step_batch(prompts: list[list[int]], groups: list[list[Completion]], p
             tokens[i, len(p): len(p) + n] = torch.tensor(c.token_ids)
             mask[i, len(p): len(p) + n] = 1.0
             logp[i, len(p) - 1: len(p) - 1 + n] = torch.tensor(c.logprobs)
-    group_index = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g) for g in groups]))
-    lengths = torch.tensor([len(c.token_ids) for _, c in seqs])
-    finished = torch.tensor([c.finish_reason == "stop" for _, c in seqs])
-    return StepBatch(tokens, mask, logp, group_index, lengths, finished)
+    return RolloutBatch(tokens, mask, None, None, B // len(groups), engine_logp_BT=logp)
+
+
+def response_lengths(groups: list[list[Completion]]) -> torch.Tensor:
+    return torch.tensor([len(c.token_ids) for group in groups for c in group])
+
+
+def finished(groups: list[list[Completion]]) -> torch.Tensor:
+    """True where the completion stopped (EOS / stop token) before the length limit."""
+    return torch.tensor([c.finish_reason == "stop" for group in groups for c in group])

@@ -1,6 +1,8 @@
-"""vLLM generation behind one small interface: token ids in, G samples with per-token logprobs out.
+"""vLLM generation behind one small interface (`Engine`): token ids in, G samples with per-token
+logprobs out; weights in from the trainer.
 
-`LocalEngine` is vLLM's in-process `LLM` (single-machine runs). It must live in a process whose
+`LocalEngine` is vLLM's in-process `LLM` (single-machine runs); `rollout.servers.ServerPool` the
+same interface over vLLM servers. It must live in a process whose
 torch.distributed world, if any, is that process alone (vLLM joins the default process group):
 the trainer's rank 0 of a one-process run, or a process of its own.
 """
@@ -10,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -39,6 +43,22 @@ class SyncStats:
     @property
     def gb_per_s(self) -> float:
         return self.num_bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+class Engine(Protocol):
+    """What the rollout stage and the trainer use of an engine (LocalEngine, servers.ServerPool)."""
+
+    def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int | None = None,
+                 temperature: float | None = None, seed: int | None = None) -> list[list[Completion]]:
+        """n samples of each prompt (token ids), in prompt order."""
+
+    def generate_iter(self, prompts: list[list[int]], n: int, **kwargs) -> Iterator[tuple[int, list[Completion]]]:
+        """(prompt index, its n samples) as groups finish, in any order."""
+
+    def load_weights(self, named_tensors: Iterable) -> SyncStats:
+        """(HF name, tensor) pairs of the whole model, streamed: the engine samples from them afterwards."""
+
+    def close(self) -> None: ...
 
 
 PACKED_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",

@@ -14,7 +14,6 @@ The process becomes the vLLM server (exec), so Slurm's signals reach it directly
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -22,27 +21,13 @@ from gift_megatron.config import Config
 from gift_megatron.rollout.auth import secret_from_env
 
 
-def special_tokens(cfg: Config) -> dict[str, int]:
-    if cfg.data.name == "addition":
-        from gift_megatron.rollout.tokenizer import BOS, EOS, PAD
-
-        return {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return {"bos_token_id": bos, "eos_token_id": tok.eos_token_id, "pad_token_id": pad}
-
-
 def architecture_folder(cfg: Config, folder: Path) -> Path:
-    """config.json of the policy's architecture (written atomically: servers may share the folder)."""
-    from gift_megatron.convert.hf_config import hf_config_from_model
+    """config.json of the policy's architecture and the task tokenizer's special ids: what a server
+    needs to start with dummy weights."""
+    from gift_megatron.rollout.startup import write_model_config
+    from gift_megatron.rollout.tasks import load_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".config.json.{os.getpid()}"
-    tmp.write_text(json.dumps({**hf_config_from_model(cfg.model), **special_tokens(cfg)}))
-    tmp.replace(folder / "config.json")
+    write_model_config(folder, cfg.model, load_tokenizer(cfg.data, folder / "tokenizer"))
     return folder
 
 
@@ -55,7 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     secret = secret_from_env()  # before anything slow: a server without the job's secret never starts
 
-    import torch
     from hydra import compose, initialize_config_dir
 
     from gift_megatron.config import register_configs, to_config
@@ -66,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = to_config(compose("config", overrides=args.overrides))
-    r, on_gpu = cfg.rollout, cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    r = cfg.rollout
     if r.server_model_dir:
         model_dir, load_format = r.server_model_dir, "auto"
     else:
@@ -74,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd, env = server_command(model_dir, args.host or r.host, args.port, r, seed=cfg.seed + args.index,
                               max_model_len=cfg.model.max_position_embeddings, secret=secret,
                               dtype=cfg.model.params_dtype,
-                              transfer_backend=backend_for(r.weight_sync, on_gpu), load_format=load_format)
+                              transfer_backend=backend_for(r.weight_sync, cfg.on_gpu), load_format=load_format)
     print("gift serve:", " ".join(cmd), flush=True)
     os.execvpe(cmd[0], cmd, env)
 

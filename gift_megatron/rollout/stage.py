@@ -1,0 +1,123 @@
+"""The rollout stage (global rank 0): a source of scored batches, one per RL step.
+
+`next()` samples P prompts, generates G completions of each (the engine: in-process vLLM or a
+server pool), scores each group as it arrives, and returns a `RolloutBatch` with the explicit
+rewards r and the group-relative advantages A = (r - mean_g r) / (std_g r + eps)
+(algo/advantages.py `group_advantages`). The trainer only consumes batches, so a stage that runs
+ahead of training can stand in for this one. `evaluate()` runs the held-out prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from gift_megatron.algo import GroupFilter, group_advantages, overlong_penalty
+from gift_megatron.config import AlgoConfig, RolloutConfig
+from gift_megatron.rollout.batch import RolloutBatch, finished, pad_groups, response_lengths
+from gift_megatron.rollout.data import PromptSampler
+from gift_megatron.rollout.engine import Completion, Engine
+from gift_megatron.rollout.rewards import GroupScorer
+from gift_megatron.rollout.tasks import Sample, TaskData
+
+
+@dataclass
+class Rollout:
+    batch: RolloutBatch  # P x G samples with rewards and advantages (engine log-probs included)
+    metrics: dict[str, float]  # reward, lengths, generation throughput, DAPO's sampling stats
+
+
+@dataclass
+class _Groups:
+    """One generation round's results: prompts (sample indices), completions, rewards and reward terms."""
+
+    idx: list[int]
+    completions: list[list[Completion]]
+    rewards_B: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class RolloutStage:
+    def __init__(self, algo: AlgoConfig, rollout: RolloutConfig, engine: Engine, task: TaskData, scorer: GroupScorer,
+                 sampler: PromptSampler, *, num_prompts: int, seed: int) -> None:
+        self.algo, self.rollout, self.engine, self.task = algo, rollout, engine, task
+        self.scorer, self.sampler, self.num_prompts, self.seed = scorer, sampler, num_prompts, seed
+
+    def next(self) -> Rollout:
+        """P prompts x G samples, scored, with advantages; DAPO's dynamic sampling when configured."""
+        start, metrics = time.perf_counter(), {}
+        if self.algo.dynamic_sampling:
+            groups, metrics = self._informative_groups()
+        else:
+            groups = self._generate()
+        seconds = time.perf_counter() - start
+        prompts = [self.task.train[i].prompt_ids for i in groups.idx]
+        batch = pad_groups(prompts, groups.completions, self.task.pad_id)
+        lengths_B = response_lengths(groups.completions)
+        shaped_B = groups.rewards_B.clone()
+        if self.algo.overlong_buffer_length:
+            shaped_B += overlong_penalty(lengths_B, self.rollout.max_new_tokens, self.algo.overlong_buffer_length,
+                                         self.algo.overlong_penalty_factor)
+        batch.rewards_B = shaped_B
+        batch.advantages_B = group_advantages(shaped_B, batch.group_index_B, batch.num_prompts,
+                                              estimator=self.algo.advantage)
+        if len(groups.parts) > 1:
+            metrics.update({f"reward_{k}": float(v.mean()) for k, v in groups.parts.items()})
+        tokens = float(lengths_B.sum())
+        metrics.update(reward=float(groups.rewards_B.mean()), response_length=float(lengths_B.float().mean()),
+                       frac_finished=float(finished(groups.completions).float().mean()), time_generate=seconds,
+                       tokens_generated=tokens, tokens_per_second=tokens / max(seconds, 1e-9))
+        return Rollout(batch, metrics)
+
+    def _generate(self) -> _Groups:
+        """One round: the sampler's next P prompts, G completions each, scored as groups arrive."""
+        idx = self.sampler.next(self.num_prompts)
+        # reproducible on resume: the seed follows the sampler's position, which checkpoints hold
+        seed = self.seed * 1_000_003 + self.sampler.epoch * 10_007 + self.sampler.position
+        samples = [self.task.train[i] for i in idx]
+        arrivals = self.engine.generate_iter([s.prompt_ids for s in samples], self.algo.group_size, seed=seed)
+        completions, rewards_B, parts = self.scorer.score_all(arrivals, samples)
+        return _Groups(idx, completions, rewards_B, parts)
+
+    def _informative_groups(self) -> tuple[_Groups, dict[str, float]]:
+        """DAPO: rounds until P informative groups (rewards not all equal) or max_sampling_rounds,
+        then topped up with uninformative ones (GroupFilter)."""
+        G, wanted = self.algo.group_size, GroupFilter(self.num_prompts)
+        while not wanted.full and wanted.rounds < self.algo.max_sampling_rounds:
+            g = self._generate()
+            wanted.add([(i, c, g.rewards_B[j * G:(j + 1) * G], {k: v[j * G:(j + 1) * G] for k, v in g.parts.items()})
+                        for j, (i, c) in enumerate(zip(g.idx, g.completions))], g.rewards_B)
+        chosen = wanted.take()
+        groups = _Groups([x[0] for x in chosen], [x[1] for x in chosen], torch.cat([x[2] for x in chosen]),
+                         {k: torch.cat([x[3][k] for x in chosen]) for k in chosen[0][3]})
+        return groups, {"sampling_rounds": wanted.rounds, "frac_groups_informative": wanted.frac_informative}
+
+    def evaluate(self, num_samples: int = 1) -> dict[str, float]:
+        """Held-out accuracy (the task's check) and reward with greedy decoding; with `num_samples` =
+        k > 1 also avg@k (mean accuracy of k sampled answers, at the rollout temperature) and pass@k
+        (a prompt counts if any of its k answers is right)."""
+        samples, k = self.task.eval, num_samples
+        prompts = [s.prompt_ids for s in samples]
+        hits, totals = self._hits(self.engine.generate(prompts, 1, temperature=0.0), samples)
+        out = {"eval_accuracy": float(hits.mean()), "eval_reward": float(totals.mean())}
+        if k > 1:
+            hits_k, _ = self._hits(self.engine.generate(prompts, k, seed=self.seed), samples)
+            hits_k = hits_k.view(len(samples), k)
+            out.update({f"eval_avg@{k}": float(hits_k.mean()), f"eval_pass@{k}": float(hits_k.amax(dim=1).mean())})
+        return out
+
+    def _hits(self, groups: list, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accuracy per completion, reward per completion), flattened over groups."""
+        _, totals, parts = self.scorer.score_all(enumerate(groups), samples)
+        reward = self.scorer.reward
+        hits = parts.get(reward.accuracy_kind)  # already scored when the check is one of the terms
+        if hits is None:
+            hits = torch.cat([reward.accuracy(g, s) for g, s in zip(groups, samples)])
+        return hits.float(), totals
+
+    def close(self) -> None:
+        """Stop the scorer and the engine (the in-process engine ends torch.distributed: call last)."""
+        self.scorer.close()
+        self.engine.close()
