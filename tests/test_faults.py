@@ -1,7 +1,8 @@
-"""Fault injection on the real CLI: SIGKILL during generation, mid-step and during a checkpoint write,
-then resume; the finished run must equal an uninterrupted one (metrics of every step, and the final
-checkpoint's model and optimizer tensors bit for bit). Also: secrets in the environment never reach
-the run folder or the output; NaN/Inf bookkeeping."""
+"""Fault injection on the real CLI: SIGKILL during generation, mid-step and during a checkpoint write
+(that one at a fixed point: the GIFT_FAULT hook of gift_megatron/faults.py), then resume; the finished
+run must equal an uninterrupted one (metrics of every step, and the final checkpoint's model and
+optimizer tensors bit for bit). Also: secrets in the environment never reach the run folder or the
+output; NaN/Inf bookkeeping."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from gift_megatron.faults import FAULT_ENV
 from gift_megatron.guard import TOKEN_ENV, tagged
 from tests.conftest import CANARY, STRAIGHT
 from tests.procs import explain
@@ -31,11 +33,25 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _start(run_dir: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its group (a failing test leaks nothing)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    proc.stderr.close()
+
+
 def _kill_when(run_dir: Path, ready, timeout_s: float = 600.0, only_trainer: bool = False) -> None:
     """Start the run, poll `ready(run_dir)` every millisecond, SIGKILL the run's process group then, or
-    with `only_trainer` the trainer's PID alone: everything it started must then end too (no orphans)."""
-    proc = subprocess.Popen(_cmd(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    with `only_trainer` the trainer's PID alone: everything it started must then end too (no orphans).
+    For faults whose window is a whole phase (generation, a step); a short window gets a hook (_fault_at)."""
+    proc = _start(run_dir)
     deadline = time.monotonic() + timeout_s
     try:
         while not ready(run_dir):
@@ -57,25 +73,23 @@ def _kill_when(run_dir: Path, ready, timeout_s: float = 600.0, only_trainer: boo
         assert len(children) >= 2, names  # megatron's checkpoint-writer Manager and its resource tracker, ...
         assert not left, f"orphans of the killed trainer: {left}"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its group (a failing test leaks nothing)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=60)
-        proc.stderr.close()
+        _end(proc)
+
+
+def _fault_at(run_dir: Path, fault: str, timeout_s: float = 600.0) -> None:
+    """Run with GIFT_FAULT=`fault`: the trainer SIGKILLs itself at that point (gift_megatron/faults.py)."""
+    proc = _start(run_dir, env=dict(os.environ, **{FAULT_ENV: fault}))
+    try:
+        code = proc.wait(timeout=timeout_s)
+        assert code == -signal.SIGKILL, f"exit {code}, not the fault's SIGKILL: {proc.stderr.read()[-3000:]}"
+    finally:
+        _end(proc)
 
 
 def _logged(step: int):
     def ready(run_dir: Path) -> bool:
         path = run_dir / "metrics.jsonl"
         return path.exists() and f'"step": {step},' in path.read_text()
-    return ready
-
-
-def _writing_checkpoint(step: int):
-    def ready(run_dir: Path) -> bool:  # the temporary folder has its first shard: the write is under way
-        tmp = run_dir / "checkpoints" / f".tmp_step_{step:08d}"
-        return tmp.is_dir() and any(tmp.iterdir())
     return ready
 
 
@@ -97,10 +111,12 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, stra
     crashed = tmp_path / "crashed"
     # 1. step 1 logged, no checkpoint yet: the kill lands in step 2's generation -> a fresh restart
     _kill_when(crashed, _logged(1))
-    # 2. during the write of checkpoint 2: the half-written folder must never be loaded
-    _kill_when(crashed, _writing_checkpoint(2))
-    ckpts = crashed / "checkpoints"
-    assert not (ckpts / "step_00000002").exists() and (ckpts / ".tmp_step_00000002").exists()
+    # 2. during the write of checkpoint 2 (the hook: every shard written, no manifest, not renamed into place):
+    # the half-written folder must never be loaded
+    _fault_at(crashed, "kill_during_checkpoint_write:2")
+    ckpts, tmp = crashed / "checkpoints", crashed / "checkpoints" / ".tmp_step_00000002"
+    assert not (ckpts / "step_00000002").exists() and list(tmp.glob("*.distcp"))
+    assert not (tmp / "manifest.json").exists()
     # 3. checkpoint 2 published and step 3 logged: the trainer's PID alone killed inside step 4 (its vLLM engine
     # core, checkpoint writer and resource tracker must end with it) -> resume from step 2
     _kill_when(crashed, lambda d: (d / "checkpoints" / "step_00000002").is_dir() and _logged(3)(d),
@@ -145,28 +161,46 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, stra
     assert sorted(Path(os.environ["GIFT_WARMUP_CACHE"]).iterdir()) == warmups
 
 
+def test_the_fault_hook_fires_at_its_point_and_step_only():
+    """GIFT_FAULT=<point>:<step> SIGKILLs the process at that call and no other (not another step, not
+    another point); unset, no call does anything."""
+    calls = [("kill_during_checkpoint_write", 1), ("kill_during_checkpoint_write", 12), ("another_point", 2),
+             ("kill_during_checkpoint_write", 2), ("kill_during_checkpoint_write", 3)]
+    script = ("from gift_megatron.faults import maybe_fail\n"
+              f"for point, step in {calls!r}:\n"
+              "    print(point, step, flush=True)\n"
+              "    maybe_fail(point, step)\n")
+
+    def run(**env: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != FAULT_ENV} | env
+        return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
+                              timeout=60)
+
+    printed = [f"{p} {s}" for p, s in calls]
+    armed = run(**{FAULT_ENV: "kill_during_checkpoint_write:2"})
+    assert armed.returncode == -signal.SIGKILL and armed.stdout.splitlines() == printed[:4], armed
+    other = run(**{FAULT_ENV: "another_point:1"})  # a point with no call at that step
+    assert other.returncode == 0 and other.stdout.splitlines() == printed, other
+    unset = run()
+    assert unset.returncode == 0 and unset.stdout.splitlines() == printed, unset
+
+
 def test_nonfinite_steps_are_counted_and_stop_the_run_after_n_in_a_row(tmp_path):
     """The skip itself is tested on gloo (test_megatron: a NaN on one rank skips every rank's update);
     here the run's bookkeeping: counted, logged, reset by a finite step, an error after N in a row."""
-    from types import SimpleNamespace
-
     import pytest
 
-    from gift_megatron.config import OptimConfig
-    from gift_megatron.trainer import NonFiniteError, _check_nonfinite, _count_nonfinite
+    from gift_megatron.trainer import NonFiniteError, NonFiniteGuard
 
-    c = SimpleNamespace(cfg=SimpleNamespace(optim=OptimConfig(max_nonfinite_steps=3)), run_dir=tmp_path, step=0,
-                        nonfinite_in_a_row=0, nonfinite_total=0)
-    for flag in [1.0, 1.0, 0.0, 1.0, 0.5]:  # 0.5: one of two mini-batches
-        c.step += 1
+    guard = NonFiniteGuard(max_in_a_row=3, checkpoints=tmp_path / "checkpoints")
+    for step, flag in enumerate([1.0, 1.0, 0.0, 1.0, 0.5], start=1):  # 0.5: one of two mini-batches
         metrics = {"nonfinite": flag}
-        _count_nonfinite(c, metrics)
-        _check_nonfinite(c)
-    assert metrics["nonfinite_total"] == 4 and c.nonfinite_in_a_row == 2
-    c.step += 1
-    _count_nonfinite(c, {"nonfinite": 1.0})
+        guard.count(metrics)
+        guard.check(step)
+    assert metrics["nonfinite_total"] == 4 and guard.in_a_row == 2
+    guard.count({"nonfinite": 1.0})
     with pytest.raises(NonFiniteError, match="3 steps in a row .to step 6. had a NaN/Inf .* lower optim.lr"):
-        _check_nonfinite(c)
+        guard.check(6)
 
 
 def test_servers_skip_a_port_someone_else_holds():

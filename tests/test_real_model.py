@@ -117,7 +117,8 @@ def test_real_model_gift_steps_sync_and_export(smollm2_hf, tmp_path):
     first, second = rows[1], rows[2]
     assert first["grad_norm"] > 0 and first["update_skipped"] == 0 and first["lr"] > 0, first  # a real update
     # Step 2 sampled from the weights synced after that update (tied head, fused qkv/gate_up, 30 layers):
-    # fp32 on both sides, measured 7e-6 mean; a stale tied head measured 1.6e-2 (the issue's bug).
+    # fp32 on both sides, measured 7e-6 mean; a stale tied head measured 1.6e-2 (the issue's bug). The mean is
+    # the gate (1e-4, as the other sync tests' max); the max (measured 2.6e-5) only has to stay below the bug.
     assert second["logprob_diff_mean"] < 1e-4 and second["logprob_diff_max"] < 1e-2, second
     assert {"eval_avg@2", "eval_pass@2", "eval_accuracy"} <= set(second), second
     assert 0 <= second["eval_avg@2"] <= second["eval_pass@2"] <= 1

@@ -80,6 +80,7 @@ def test_sbatch_script_trains_with_a_vllm_server_node(cluster, runs):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     # the server started with dummy weights: the first eval already sees the synced warm-up policy
     assert rows[0]["eval_accuracy"] > 0.1
+    # 1e-4: the sync-precision gate (fp32 both sides, accumulation-order noise: measured <= 1.4e-5 in these runs)
     assert all(r["logprob_diff_max"] < 1e-4 and r["time_sync"] > 0 for r in steps)
     assert (runs / "job" / "checkpoints" / "step_00000004").exists()
     assert (runs / "job_logs" / "server_0.log").exists()

@@ -6,6 +6,8 @@ on this machine kind; the margins are set below what was measured (README).
 """
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -29,23 +31,38 @@ def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
+def _z(before: list[float], after: list[float]) -> tuple[float, float]:
+    """(mean(after) - mean(before), and that difference in standard errors): Welch's statistic over
+    per-step means, each step's mean taken as one independent draw (measured lag-1 autocorrelation of
+    the per-step rewards inside either window: -0.02 to 0.10); a trend inside a window inflates its
+    variance, which only makes the statistic conservative."""
+    diff = statistics.mean(after) - statistics.mean(before)
+    se = math.sqrt(statistics.variance(before) / len(before) + statistics.variance(after) / len(after))
+    return diff, diff / se
 
 
 def test_gift_raises_reward_and_held_out_accuracy(runs):
-    """The product's claim, gated well above noise: over 150 GIFT steps the mean training reward of the
-    last 40 steps (40 x 256 samples) beats the first 40 steps' by >= 0.02, and held-out accuracy (500
-    prompts) ends >= 0.015 above where it started. Measured on this machine kind (2026-11-30): reward
-    0.091 -> 0.133, held-out 0.152 -> 0.184 (its warm-up stopped at 0.152; an earlier machine's at
-    0.172, so the gate is relative, not absolute)."""
+    """The product's claim, gated well above noise in the same 150 GIFT steps: the mean training reward
+    of the last 40 steps beats the first 40 steps' by >= 0.02 AND by >= 3 standard errors of that
+    difference (p ~ 0.001 under no learning), the SE computed in this run from the 2 x 40 per-step means
+    (each over 256 samples). Held-out accuracy (500 prompts, greedy) is a secondary check only: one
+    binomial SE there is sqrt(p (1 - p) / 500) = 0.016 to 0.017 at p = 0.15 to 0.17, about what 150
+    steps add, so it is gated at "no worse than the start" (a regression), not at a gain.
+    Measured on this machine kind (2026-11-30), from the two warm-ups the cache has held (the run is
+    deterministic for a given warm-up): reward 0.128 -> 0.200 (+0.071, SE 0.0095, z = 7.5) and
+    0.091 -> 0.133 (+0.042, SE 0.0066, z = 6.3); held-out 0.172 -> 0.244 (+4.3 SE) and 0.152 -> 0.184
+    (+2.0 SE). The warm-up's accuracy differs between machines and versions, so every gate is relative
+    to the run's own start."""
     rows = train(runs / "gift", "algo=gift", "num_steps=150", "eval_every=50", "save_every=1000")
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     steps = [r for r in rows if "reward" in r]
     assert len(evals) == 4 and len(steps) == 150  # step 0 and every 50 steps
     rewards = [r["reward"] for r in steps]
-    assert _mean(rewards[-40:]) >= _mean(rewards[:40]) + 0.02, (_mean(rewards[:40]), _mean(rewards[-40:]))
-    assert evals[-1] >= evals[0] + 0.015, evals
+    diff, z = _z(rewards[:40], rewards[-40:])
+    assert diff >= 0.02 and z >= 3, (diff, z)  # measured z 6.3 and 7.5: the gate is >= 3.3 SE below both
+    assert evals[-1] >= evals[0], evals  # one SE ~0.016; measured +0.032 and +0.072
+    # 1e-3, the run's own float32 alarm value (rollout/verify.py): this test is about learning; sync precision
+    # is gated at 1e-4 (test_weight_sync, test_rollout_engine, test_train_modes). Measured max here 2.1e-5.
     assert max(r["logprob_diff_max"] for r in steps) < 1e-3  # vLLM and the trainer agree after every sync
     assert all(r["update_skipped"] == 0 for r in steps)
     assert (runs / "gift" / "checkpoints" / "step_00000150").exists() and (runs / "gift" / "tb").exists()
@@ -57,7 +74,7 @@ def test_grpo_runs_the_same_loop(runs):
     rows = train(runs / "grpo", "algo=grpo", "num_steps=20", "eval_every=20", "save_every=1000")
     steps = [r for r in rows if "reward" in r]
     assert len(steps) == 20 and all(r["update_skipped"] == 0 and "clip_frac" in r for r in steps)
-    assert max(r["logprob_diff_max"] for r in steps) < 1e-3
+    assert max(r["logprob_diff_max"] for r in steps) < 1e-3  # as in the GIFT run above
     assert all(r["grad_norm"] > 0 for r in steps if 0 < r["reward"] < 1)
 
 
@@ -87,12 +104,24 @@ def test_console_script_composes_the_default_config():
 
 
 def test_dapo_dynamic_sampling_and_gspo_run_in_the_same_loop(runs):
+    """DAPO's dynamic sampling (rollout/stage.py, algo's GroupFilter) generates rounds of P groups, keeps
+    those whose rewards are not all equal (informative), and stops at P kept or after
+    algo.max_sampling_rounds; the logged sampling_rounds and frac_groups_informative (kept, capped at P,
+    over P) must agree with that."""
+    from omegaconf import OmegaConf
+
     dapo = [r for r in train(runs / "dapo", "algo=dapo", "num_steps=3", "eval_every=100") if "reward" in r]
+    cfg = OmegaConf.load(runs / "dapo" / "config.yaml")
+    P, max_rounds = cfg.data.num_prompts_per_step, cfg.algo.max_sampling_rounds
     assert len(dapo) == 3
-    # ~30% of groups are all-wrong at this accuracy: DAPO regenerates until the batch is informative
-    assert all(r["sampling_rounds"] >= 1 for r in dapo)
+    for r in dapo:
+        rounds, kept = r["sampling_rounds"], r["frac_groups_informative"] * P
+        assert 1 <= rounds <= max_rounds and kept == int(kept), r  # whole groups, never past the cap
+        assert kept == P or rounds == max_rounds, r  # it stops before the cap only with a full batch
+    # Many groups are all-wrong at this accuracy (measured 2-3 rounds a step): one round does not fill the
+    # batch, later rounds do, before the cap
+    assert any(1 < r["sampling_rounds"] < max_rounds and r["frac_groups_informative"] == 1 for r in dapo)
     assert sum(r["frac_groups_informative"] for r in dapo) / 3 > 0.9
-    assert max(r["sampling_rounds"] for r in dapo) > 1
     gspo = [r for r in train(runs / "gspo", "algo=gspo", "num_steps=2", "eval_every=100") if "reward" in r]
     assert len(gspo) == 2 and all("clip_frac" in r for r in gspo)
 
@@ -120,7 +149,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(runs):
 def test_a_logprob_mismatch_stops_the_run(runs):
     """The alarm is a stop, not a log line: with a threshold below fp32 noise every checked step trips
     it; the first warns, the second (mismatch_patience=2) stops the run before its update, naming the
-    likely causes. (The correct-sync runs above stay under the default 1e-3 by four orders.)"""
+    likely causes. (The correct-sync runs above stay under the default 1e-3 by over three orders: mean
+    measured ~4e-7.)"""
     run_dir = runs / "alarm"
     cmd = [sys.executable, "-m", "gift_megatron.train", f"run_dir={run_dir}", "num_steps=5", "eval_every=100",
            "save_every=100", "rollout.max_logprob_mismatch=1e-12", "rollout.mismatch_patience=2"]

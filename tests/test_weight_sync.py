@@ -120,6 +120,8 @@ def test_engine_samples_with_the_synced_weights_at_every_bucket_limit(tmp_path, 
     assert results[0]["buckets"] > len(_weights(MODELS[model_name], 0)) // 4  # the 1-byte limit: every unit alone
     assert results[-1]["buckets"] == 1
     for r in results:  # fp32 on both sides: agreement to float noise, never a stale head or a torn qkv
+        # 1e-4: only the kernels' accumulation order differs (vLLM's CPU kernels vs megatron's): measured
+        # <= 2.6e-5 in this suite; a stale tied head measures 1.6e-2, a torn qkv 6.1
         assert r["max_diff"] <= 1e-4, r
         assert r["tensors"] == len(_weights(MODELS[model_name], 0))
     assert len({r["checksum"] for r in results}) == len(results)  # every sync changed what the engine serves

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from gift_megatron.faults import maybe_fail
 from gift_megatron.manifest import (
     CorruptCheckpoint,
     check_files,
@@ -316,6 +317,7 @@ def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_las
         raise
     dist.barrier()
     saved_s = time.perf_counter() - start
+    maybe_fail("kill_during_checkpoint_write", step)  # tests: shards written, no manifest, not yet published
     digest_s = write_checkpoint_manifest(tmp)
     _on_rank0(_publish, tmp, final, keep_last)
     if rank == 0:
