@@ -37,6 +37,7 @@ class Rule:
 
 _ATTN, _MLP = "decoder.layers.{L}.self_attention", "decoder.layers.{L}.mlp"
 _HF = "model.layers.{L}"
+LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")  # a per-layer megatron name: (layer index, the rest)
 LAYER_RULES = (
     Rule(f"{_ATTN}.linear_qkv.layer_norm_weight", (f"{_HF}.input_layernorm.weight",), "replicated"),
     Rule(f"{_ATTN}.linear_qkv.weight", tuple(f"{_HF}.self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
@@ -183,12 +184,3 @@ class ModelMapping:
             halves = [s.chunk(2, dim=0) for s in shards]
             return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
         return torch.cat(shards, dim=1 if kind == "row" else 0)
-
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-
-
-def global_layer_name(local_name: str, layer_offset: int) -> str:
-    """`decoder.layers.{i}.x` of a pipeline stage whose first layer is `layer_offset` -> global name."""
-    m = _LAYER.match(local_name)
-    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}" if m else local_name

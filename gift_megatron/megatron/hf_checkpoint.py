@@ -12,7 +12,6 @@ Works for training checkpoints too (their optimizer state is simply not read).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,16 +31,15 @@ from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from gift_megatron.config import ModelConfig, ParallelConfig
-from gift_megatron.convert.mapping import ModelMapping
+from gift_megatron.convert.mapping import LAYER_NAME, ModelMapping
 from gift_megatron.megatron.model import build_gpt_models
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 Materialize = Callable[[str], torch.Tensor]  # canonical megatron name -> full (TP = 1) tensor
 
 
 def _checkpoint_key(name: str) -> tuple[str, int | None]:
     """Canonical per-layer name -> (dist-checkpoint key, layer index); layers are stacked on axis 0."""
-    m = _LAYER.match(name)
+    m = LAYER_NAME.match(name)
     return (f"decoder.layers.{m.group(2)}", int(m.group(1))) if m else (name, None)
 
 

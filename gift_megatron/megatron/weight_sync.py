@@ -10,7 +10,6 @@ shape and the data, as tensors (no pickling). DP replicas hold the same weights:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import torch
@@ -18,10 +17,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from gift_megatron.config import ModelConfig
-from gift_megatron.convert.mapping import ModelMapping, canonical_name
+from gift_megatron.convert.mapping import LAYER_NAME, ModelMapping, canonical_name
 from gift_megatron.megatron.model import padded_vocab_size
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -32,7 +30,7 @@ def _stage_params(chunks, mapping: ModelMapping) -> list[tuple[str, torch.Tensor
         module = getattr(chunk, "module", chunk)
         global_index = {i: layer.layer_number - 1 for i, layer in enumerate(module.decoder.layers)}
         for name, param in module.named_parameters():
-            name = _LAYER.sub(lambda m, idx=global_index: f"decoder.layers.{idx[int(m.group(1))]}.", name)
+            name = LAYER_NAME.sub(lambda m, idx=global_index: f"decoder.layers.{idx[int(m[1])]}.{m[2]}", name)
             name = canonical_name(name)
             if name == "output_layer.weight" and name not in mapping.rules:
                 continue  # tied embeddings: the last stage's copy of the word embeddings

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -65,6 +66,26 @@ def server_command(model_dir: str | Path, host: str, port: int, rollout: Rollout
     return cmd, env
 
 
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2).status_code == 200
+    except requests.RequestException:  # not listening yet
+        return False
+
+
+def _wait_for_health(urls: list[str], timeout_s: float, between: Callable[[], None] = lambda: None) -> list[str]:
+    """Poll each URL's /health (needs no secret) once a second until all answer 200 or timeout_s
+    passes; returns those that never did. `between()` runs before each round: it may raise to stop
+    early (a server process that exited)."""
+    deadline, waiting = time.monotonic() + timeout_s, list(urls)
+    while waiting and time.monotonic() < deadline:
+        between()
+        waiting = [url for url in waiting if not _healthy(url)]
+        if waiting:
+            time.sleep(1.0)
+    return waiting
+
+
 class VLLMServer:
     """A server process started by the trainer (local runs and tests); Slurm starts its own."""
 
@@ -84,19 +105,14 @@ class VLLMServer:
     def _log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def _check_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise ServerError(f"vLLM server {self.url} exited with code {self.proc.returncode} while starting; "
+                              f"log {self.log_path}:\n{self._log_tail()}")
+
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"vLLM server {self.url} exited with code {self.proc.returncode} while starting; "
-                                  f"log {self.log_path}:\n{self._log_tail()}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        raise ServerError(f"vLLM server {self.url} not healthy after {timeout_s:.0f} s; log {self.log_path}")
+        if _wait_for_health([self.url], timeout_s, between=self._check_running):
+            raise ServerError(f"vLLM server {self.url} not healthy after {timeout_s:.0f} s; log {self.log_path}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -139,17 +155,7 @@ class ServerPool:
 
     def wait_healthy(self, timeout_s: float) -> None:
         """Servers started elsewhere (Slurm): wait until each answers /health, naming the ones that never do."""
-        deadline = time.monotonic() + timeout_s
-        waiting = list(self.urls)
-        while waiting and time.monotonic() < deadline:
-            for url in list(waiting):
-                try:
-                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                        waiting.remove(url)
-                except requests.RequestException:
-                    pass
-            if waiting:
-                time.sleep(1.0)
+        waiting = _wait_for_health(self.urls, timeout_s)
         if waiting:
             raise ServerError(f"vLLM servers {', '.join(waiting)} not healthy after {timeout_s:.0f} s "
                               f"(rollout.server_start_timeout_s): check their logs and rollout.server_urls")
