@@ -52,15 +52,17 @@ def build(cfg: Config) -> Trainer:
         copy_weights(policy.chunks, reference)
         if cfg.parallel.offload_reference:
             move_chunks(reference, "cpu")
-    weights = gather_hf_weights(policy.chunks, cfg.model)  # a collective: every rank takes part
+    # A collective that rank 0 consumes lazily while writing: every other rank waits in it until then,
+    # so nothing else collective may come between these two lines.
+    weights = gather_hf_weights(policy.chunks, cfg.model)
+    # Servers given by URL start from their own weights and get ours by sync: write no copy for them.
+    meta = write_hf_folder(run_dir / "hf_policy", cfg.model, weights, task,
+                           with_weights=not cfg.rollout.server_urls) if rank0 else None
     num_train = torch.tensor([len(task.train) if rank0 else 0])
     dist.broadcast(num_train, 0)
     sampler = PromptSampler(int(num_train), cfg.data.seed)
     rollouts = None
     if rank0:
-        # Servers given by URL start from their own weights and get ours by sync: write no copy for them.
-        meta = write_hf_folder(run_dir / "hf_policy", cfg.model, weights, task,
-                               with_weights=not cfg.rollout.server_urls)
         engine = start_engine(cfg, run_dir / "hf_policy", task, run_dir, meta)
         scorer = GroupScorer(build_reward(cfg.reward, task=cfg.data.name, eos_id=task.eos_id, decode=task.decode),
                              cfg.reward.num_workers)

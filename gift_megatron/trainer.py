@@ -131,7 +131,7 @@ class Trainer:
         with timer("old_logprobs"):  # 3.
             metrics |= self._policy_logprobs(batch, n)
         with timer("reference"):
-            batch.ref_logp_BT = self._reference_logprobs(batch) if algo.needs_reference else None
+            batch.ref_logp_BT = self._reference_logprobs(batch)
         with timer("train"):  # 4. the loss: self.loss
             updates = train_rollout_batch(self.policy, self.loss, batch, num_mini_batches=algo.num_mini_batches,
                                           micro_batch_size=self.cfg.parallel.micro_batch_size,
@@ -172,6 +172,9 @@ class Trainer:
         return metrics
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """The reference's log-probs when the algorithm has one (GIFT's baseline, a KL term)."""
+        if not self.cfg.algo.needs_reference:
+            return None
         offload = self.cfg.parallel.offload_reference  # GPU only (validated): host memory between passes
         if offload:
             move_chunks(self.reference, "cuda")

@@ -158,7 +158,7 @@ def test_a_logprob_mismatch_stops_the_run(runs):
     output = proc.stdout + proc.stderr  # Hydra logs to stdout, the traceback goes to stderr
     assert proc.returncode != 0
     assert "1 of 2 checked steps in a row before the run stops" in output, explain(proc)
-    assert "MismatchError: step 1: the engine's log-probs differ from the trainer's" in output, explain(proc)
+    assert "MismatchError: step 2: the engine's log-probs differ from the trainer's" in output, explain(proc)
     assert "a tied LM head, a fused qkv/gate_up split across buckets" in output
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1]  # step 0's eval, the warned step 1; the run stopped inside step 2, before its update
