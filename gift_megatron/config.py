@@ -125,7 +125,15 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     micro_batch_size: int = 64
-    """Samples per micro-batch per DP rank: a multiple of G / DP, so a micro-batch holds whole groups."""
+    """Samples per micro-batch per DP rank: a multiple of G / DP, so a micro-batch holds whole groups.
+    Unused with a token budget."""
+    max_tokens_per_micro_batch: int = 0
+    """0: fixed micro-batches of micro_batch_size samples, padded to the step's longest sequence. > 0:
+    token-budget micro-batches: each rank's samples sorted by length and packed into micro-batches of
+    at most this many padded tokens, each padded only to its own longest sequence (verl's
+    ppo_max_token_len_per_gpu). Losses, gradients and updates equal the fixed ones; GIFT then takes its
+    group statistics over the mini-batch first (one forward pass more per mini-batch, except the
+    first, which reuses the policy's log-probs of the step). At least max_prompt_length + max_new_tokens."""
     use_distributed_optimizer: bool = True
     offload_reference: bool = False
     """GPU only: keep the frozen reference in host memory between its forward passes."""
@@ -134,6 +142,7 @@ class ParallelConfig:
         _positive("parallel", world_size=self.world_size, micro_batch_size=self.micro_batch_size,
                   tensor_model_parallel_size=self.tensor_model_parallel_size,
                   pipeline_model_parallel_size=self.pipeline_model_parallel_size)
+        _non_negative("parallel", max_tokens_per_micro_batch=self.max_tokens_per_micro_batch)
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
         if self.world_size % model_parallel:
             raise ValueError(
@@ -473,7 +482,13 @@ def _check_layout(cfg: Config) -> None:
         raise ValueError(f"algo.group_size={a.group_size} is not divisible by the data-parallel size {dp}: "
                          f"each DP rank holds G/DP samples of every prompt; choose G as a multiple of DP")
     per_rank = a.group_size // dp
-    if p.micro_batch_size % per_rank:
+    if p.max_tokens_per_micro_batch:  # micro-batches are token bins: micro_batch_size is unused
+        need = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        if p.max_tokens_per_micro_batch < need:
+            raise ValueError(f"parallel.max_tokens_per_micro_batch={p.max_tokens_per_micro_batch} is below the "
+                             f"longest sequence, data.max_prompt_length + rollout.max_new_tokens = {need}: raise "
+                             f"it to at least {need} (or 0 for fixed micro-batches)")
+    elif p.micro_batch_size % per_rank:
         raise ValueError(f"parallel.micro_batch_size={p.micro_batch_size} is not a multiple of G/DP={per_rank}: "
                          f"a micro-batch must hold whole groups; use a multiple of {per_rank}")
     prompts = cfg.data.num_prompts_per_step
@@ -481,7 +496,7 @@ def _check_layout(cfg: Config) -> None:
         raise ValueError(f"data.num_prompts_per_step={prompts} is not divisible by algo.num_mini_batches="
                          f"{a.num_mini_batches}: pick a divisor")
     samples = prompts // a.num_mini_batches * per_rank
-    if samples % p.micro_batch_size:
+    if not p.max_tokens_per_micro_batch and samples % p.micro_batch_size:
         raise ValueError(f"a mini-batch has {samples} samples per DP rank, not a multiple of "
                          f"parallel.micro_batch_size={p.micro_batch_size}: pick a divisor of {samples}")
 

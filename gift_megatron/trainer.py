@@ -30,12 +30,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gift_megatron.algo import build_loss
+from gift_megatron.algo import build_group_statistics, build_loss
 from gift_megatron.config import Config
 from gift_megatron.megatron.checkpoint import architecture, load_checkpoint, save_checkpoint
 from gift_megatron.megatron.policy import Policy, copy_weights, move_chunks
 from gift_megatron.megatron.sharding import broadcast_rollout, dp_shard, logprob_mismatch
-from gift_megatron.megatron.train_step import compute_logprobs, train_rollout_batch
+from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.metrics_log import MetricsLog
 from gift_megatron.rollout.batch import RolloutBatch
@@ -116,6 +116,11 @@ class Trainer:
         self.state, self.run_dir, self.resume_from = state, run_dir, resume_from
         self.rank0 = dist.get_rank() == 0  # owns `rollouts`
         self.loss = build_loss(cfg.algo)  # GIFT: algo/losses.py gift_loss
+        p = cfg.parallel
+        self.batching = MicroBatching(p.micro_batch_size, p.max_tokens_per_micro_batch,
+                                      p.tensor_model_parallel_size if p.sequence_parallel else 1)
+        # GIFT under token budgets: whole-group statistics before micro-batches cut groups
+        self.group_statistics = build_group_statistics(cfg.algo) if p.max_tokens_per_micro_batch else None
         self.metrics = MetricsLog(run_dir, writes=self.rank0)
         r = cfg.rollout
         self.alarm = MismatchAlarm(r.max_logprob_mismatch or DEFAULT_MAX_MISMATCH[cfg.model.params_dtype],
@@ -129,15 +134,19 @@ class Trainer:
         metrics = dict(rollout.metrics) if rollout else {}
         batch = self._shard(rollout)  # 2.
         with timer("old_logprobs"):  # 3.
-            metrics |= self._policy_logprobs(batch, n)
+            logp, checked = self._policy_logprobs(batch, n)
+            metrics |= checked
         with timer("reference"):
             batch.ref_logp_BT = self._reference_logprobs(batch)
         with timer("train"):  # 4. the loss: self.loss
             updates = train_rollout_batch(self.policy, self.loss, batch, num_mini_batches=algo.num_mini_batches,
-                                          micro_batch_size=self.cfg.parallel.micro_batch_size,
-                                          temperature=self.cfg.rollout.temperature,
-                                          vocab_size=self.cfg.model.vocab_size, entropy=self.cfg.log_entropy)
+                                          micro_batch_size=self.batching, temperature=self.cfg.rollout.temperature,
+                                          vocab_size=self.cfg.model.vocab_size, entropy=self.cfg.log_entropy,
+                                          group_statistics=self.group_statistics, current_logp_BT=logp,
+                                          logp_known=self.group_statistics is not None)
         metrics |= {key: sum(u[key] for u in updates) / len(updates) for key in updates[-1]}
+        metrics["tokens"] = sum(u["tokens"] for u in updates)  # sequence positions trained, all DP ranks
+        metrics["trainer_tokens_per_s"] = metrics["tokens"] / sum(timer.seconds.values())
         metrics |= self.sync_weights()  # 5.
         if self.reference is not None and algo.reference_refresh_every and n % algo.reference_refresh_every == 0:
             copy_weights(self.policy.chunks, self.reference)
@@ -152,24 +161,23 @@ class Trainer:
         return dp_shard(batch)
 
     def _logprobs(self, chunks, batch: RolloutBatch) -> torch.Tensor | None:
-        return compute_logprobs(chunks, batch, self.cfg.parallel.micro_batch_size, self.cfg.rollout.temperature,
-                                self.cfg.model.vocab_size)
+        return compute_logprobs(chunks, batch, self.batching, self.cfg.rollout.temperature, self.cfg.model.vocab_size)
 
-    def _policy_logprobs(self, batch: RolloutBatch, n: int) -> dict[str, float]:
+    def _policy_logprobs(self, batch: RolloutBatch, n: int) -> tuple[torch.Tensor | None, dict[str, float]]:
         """The policy's log-probs before the update: checked against the engine's on the first and every
-        rollout.verify_every-th step (the alarm stops the run before this step trains), and kept as
-        the old policy's for PPO-style losses."""
+        rollout.verify_every-th step (the alarm stops the run before this step trains), kept as the old
+        policy's for PPO-style losses, and GIFT's whole-group statistics under token budgets."""
         every, metrics = self.cfg.rollout.verify_every, {}
         verify = every > 0 and (n - 1) % every == 0
-        if not (verify or self.cfg.algo.needs_old_logprobs):
-            return metrics
+        if not (verify or self.cfg.algo.needs_old_logprobs or self.group_statistics):
+            return None, metrics
         logp = self._logprobs(self.policy.chunks, batch)
         if verify:
             metrics = logprob_mismatch(batch, logp)
             self.alarm.check(n, metrics)
         if self.cfg.algo.needs_old_logprobs:
             batch.old_logp_BT = logp
-        return metrics
+        return logp, metrics
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         """The reference's log-probs when the algorithm has one (GIFT's baseline, a KL term)."""

@@ -30,16 +30,28 @@ def test_model(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def make_config(world, tp=1, pp=1, vpp=None, num_micro_batches=1, algo="gift", model=None, lr=1e-3) -> Config:
+# The trainer's losses with settings that exercise their branches (GRPO: k3 KL to the reference).
+ALGOS = {
+    "gift": dict(name="gift"),
+    "gift_attached": dict(name="gift", detach_stats=False, implicit_std_floor=1e-3),  # gradient through mean/std
+    "grpo": dict(name="grpo", kl_coef=0.05),
+    "dapo": dict(name="dapo", clip_ratio_high=0.28, loss_agg_mode="token-mean", reference_refresh_every=0),
+    "gspo": dict(name="gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4, reference_refresh_every=0),
+}
+MAX_TOKENS = 20  # token-budget micro-batches of 1 to 3 samples (sequences of 6 to 12): every group is cut
+
+
+def make_config(world, tp=1, pp=1, vpp=None, num_micro_batches=1, algo="gift", model=None, lr=1e-3,
+                max_tokens=0) -> Config:
     dp = world // (tp * pp)
-    algo_cfg = AlgoConfig(name=algo, group_size=G) if algo == "gift" else AlgoConfig(
-        name="grpo", group_size=G, kl_coef=0.05)
     return Config(
         model=model or test_model(),
         parallel=ParallelConfig(world_size=world, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp,
-                                micro_batch_size=P * G // dp // num_micro_batches),
-        algo=algo_cfg, data=DataConfig(num_prompts_per_step=P, max_prompt_length=PROMPT_LEN),
+                                micro_batch_size=P * G // dp // num_micro_batches,
+                                max_tokens_per_micro_batch=max_tokens),
+        algo=AlgoConfig(group_size=G, **ALGOS[algo]),
+        data=DataConfig(num_prompts_per_step=P, max_prompt_length=PROMPT_LEN),
         optim=OptimConfig(lr=lr, clip_grad=1.0), device="cpu",
         rollout=RolloutConfig(engine="vllm_server", max_new_tokens=S - PROMPT_LEN),  # (several ranks need servers)
     )
@@ -79,12 +91,20 @@ def setup(cfg: Config, seed: int = 1):
     return build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=100)
 
 
+def batching(cfg: Config):
+    from gift_megatron.megatron.train_step import MicroBatching
+
+    return MicroBatching(cfg.parallel.micro_batch_size, cfg.parallel.max_tokens_per_micro_batch)
+
+
 def train(policy, cfg: Config, batch, steps: int = 1) -> list[dict]:
+    """Steps on `batch`; with a token budget, GIFT's group statistics by its own forward pass."""
+    from gift_megatron.algo import build_group_statistics
     from gift_megatron.megatron.train_step import train_mini_batch
 
-    loss_fn = build_loss(cfg.algo)
-    return [train_mini_batch(policy, loss_fn, batch, micro_batch_size=cfg.parallel.micro_batch_size,
-                             temperature=1.0, vocab_size=V) for _ in range(steps)]
+    loss_fn, stats = build_loss(cfg.algo), build_group_statistics(cfg.algo)
+    return [train_mini_batch(policy, loss_fn, batch, micro_batch_size=batching(cfg), temperature=1.0, vocab_size=V,
+                             group_statistics=stats) for _ in range(steps)]
 
 
 def logprobs_everywhere(policy_chunks, cfg: Config, batch) -> torch.Tensor:
@@ -93,7 +113,7 @@ def logprobs_everywhere(policy_chunks, cfg: Config, batch) -> torch.Tensor:
 
     from gift_megatron.megatron.train_step import compute_logprobs
 
-    logp = compute_logprobs(policy_chunks, batch, cfg.parallel.micro_batch_size, 1.0, V)
+    logp = compute_logprobs(policy_chunks, batch, batching(cfg), 1.0, V)
     box = [logp]
     dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                group=ps.get_pipeline_model_parallel_group())

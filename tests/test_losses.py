@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from gift_megatron.algo import LossBatch, LossNorm, build_loss, gift_loss, gspo_loss, ppo_clip_loss
+from gift_megatron.algo import (
+    LossBatch,
+    LossNorm,
+    build_group_statistics,
+    build_loss,
+    gift_loss,
+    gspo_loss,
+    ppo_clip_loss,
+)
 from tests import reference as ref
 from tests.toy import LOSS_CASES, algo_cfg, full_norm, loss_batch, make_rollout
 
@@ -118,6 +126,54 @@ def test_permuting_samples_and_groups_leaves_loss_unchanged(case):
     relabel = torch.tensor([2, 0, 3, 1])  # group g is called relabel[g]
     loss_p, _ = fn(loss_batch(r, logp[perm], idx=perm, group_index_B=relabel[r.group_index_B[perm]]), norm)
     assert loss_p.item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("case", sorted(LOSS_CASES))
+def test_micro_batches_that_cut_groups_give_the_whole_batch_loss_and_gradient(case):
+    """Token-budget micro-batches: samples in length order, so groups are cut. With the whole-group
+    statistics taken first (GIFT), the summed micro-batch losses and their gradient equal the one-batch
+    loss and gradient, for detached and attached statistics alike."""
+    r = make_rollout(seed=7)
+    norm, cfg = full_norm(r), algo_cfg(case)
+    logp = torch.log_softmax(r.feats_BTH @ r.weight_HV, -1).gather(-1, r.target_BT[..., None]).squeeze(-1)
+    whole_logp = logp.detach().clone().requires_grad_()
+    loss, _ = build_loss(cfg)(loss_batch(r, whole_logp), norm)
+    loss.backward()
+    full = loss_batch(r, logp.detach())  # advantages over whole groups, as the rollout stage makes them
+    statistics = build_group_statistics(cfg)
+    assert (statistics is None) == (cfg.name != "gift")
+    groups = statistics(full, norm) if statistics else None
+    split_logp = logp.detach().clone().requires_grad_()
+    order = r.mask_BT.sum(-1).argsort(descending=True, stable=True)
+    total = 0.0
+    for idx in order.tensor_split([3, 4, 9, 10]):  # uneven bins, every group cut
+        mb = LossBatch(split_logp[idx], full.mask_BT[idx], full.advantages_B[idx], full.rewards_B[idx],
+                       full.group_index_B[idx], full.num_groups, full.old_logp_BT[idx], full.ref_logp_BT[idx],
+                       groups=groups)
+        part, _ = build_loss(cfg)(mb, norm)
+        part.backward()
+        total += float(part.detach())
+    assert total == pytest.approx(float(loss), rel=1e-6, abs=1e-7)
+    assert whole_logp.grad.abs().max() > 1e-3
+    torch.testing.assert_close(split_logp.grad, whole_logp.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_attached_statistics_matter_for_the_gradient():
+    """The attached case above is not passing by accident: dropping WholeGroups' mean/std terms changes
+    the gradient (so the surrogate term is what makes it exact)."""
+    r = make_rollout(seed=7)
+    norm, cfg = full_norm(r), algo_cfg("gift_attached")
+    logp = torch.log_softmax(r.feats_BTH @ r.weight_HV, -1).gather(-1, r.target_BT[..., None]).squeeze(-1)
+    full = loss_batch(r, logp.detach())
+    groups = build_group_statistics(cfg)(full, norm)
+    grads = []
+    for g in (groups, type(groups)(groups.implicit, groups.rewards, groups.dmean_P * 0, groups.dstd_P * 0)):
+        x = logp.detach().clone().requires_grad_()
+        batch = LossBatch(x, full.mask_BT, full.advantages_B, full.rewards_B, full.group_index_B, full.num_groups,
+                          full.old_logp_BT, full.ref_logp_BT, groups=g)
+        build_loss(cfg)(batch, norm)[0].backward()
+        grads.append(x.grad)
+    assert (grads[0] - grads[1]).abs().max() > 1e-4
 
 
 def _degenerate(rewards, group_index, num_groups, logp_minus_ref, detach=True, floor=1e-2):

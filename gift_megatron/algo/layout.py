@@ -3,7 +3,9 @@
 A step has P prompts x G samples, ordered prompt-major (sample j of prompt p at p * G + j). Each of
 the DP ranks holds G/DP samples of EVERY prompt; a mini-batch is a contiguous range of prompts; a
 micro-batch holds whole groups (the same prompts on every DP rank), so per-prompt statistics need
-only an all-reduce over DP within the micro-batch.
+only an all-reduce over DP within the micro-batch. Token-budget micro-batches (`token_budget_bins`)
+cut groups instead: the statistics are then taken over the whole mini-batch first
+(algo/losses.py `gift_group_statistics`).
 """
 
 from __future__ import annotations
@@ -19,3 +21,38 @@ def dp_sample_indices(num_prompts: int, group_size: int, dp_rank: int, dp_size: 
     within = torch.arange(per_rank).repeat(num_prompts) + dp_rank * per_rank
     return prompts * group_size + within
 
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def token_budget_bins(lengths: list[int], max_tokens: int, pad_multiple: int = 1) -> list[list[int]]:
+    """Token-budget micro-batches: sample indices sorted longest first, cut greedily into bins whose
+    padded size (samples x the bin's longest length, rounded up to `pad_multiple`) stays within
+    `max_tokens`. Sorting puts samples of similar length together, so each bin, padded only to its
+    own longest sample, carries little padding. Longest bins first (an out-of-memory shows at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    for i in order:
+        if round_up(lengths[i], pad_multiple) > max_tokens:
+            raise ValueError(f"a sequence of {lengths[i]} tokens exceeds parallel.max_tokens_per_micro_batch="
+                             f"{max_tokens}: raise it to at least data.max_prompt_length + rollout.max_new_tokens")
+        # The bin's first sample is its longest (sorted): adding one more costs that length again.
+        if bins and (len(bins[-1]) + 1) * round_up(lengths[bins[-1][0]], pad_multiple) <= max_tokens:
+            bins[-1].append(i)
+        else:
+            bins.append([i])
+    return bins
+
+
+def split_bins(bins: list[list[int]], count: int) -> list[list[int]]:
+    """`bins` cut into `count` bins (every DP rank must run the same number of micro-batches): the
+    bin with the most samples is halved until there are enough. Needs count <= number of samples."""
+    bins = [list(b) for b in bins]
+    assert count <= sum(map(len, bins)), (count, bins)
+    while len(bins) < count:
+        i = max(range(len(bins)), key=lambda j: len(bins[j]))
+        half = len(bins[i]) // 2
+        bins[i: i + 1] = [bins[i][:half], bins[i][half:]]
+    return bins

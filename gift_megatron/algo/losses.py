@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gift_megatron.algo.grouping import all_reduce_sum, group_stats, group_zscore
+from gift_megatron.algo.grouping import GroupStats, all_reduce_sum, group_stats, group_sum, group_zscore
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -35,6 +35,22 @@ class LossBatch:
     num_groups: int = 0
     old_logp_BT: torch.Tensor | None = None  # rollout-time policy (detached)
     ref_logp_BT: torch.Tensor | None = None  # frozen reference policy (detached)
+    groups: WholeGroups | None = None  # GIFT: statistics of whole groups, when this micro-batch cuts groups
+
+
+@dataclass
+class WholeGroups:
+    """GIFT's per-prompt statistics over a whole mini-batch at the current weights, taken before its
+    micro-batches cut groups (token-budget micro-batches, `gift_group_statistics`). Each micro-batch's
+    loss then needs no collective, and its gradient is still exactly the whole-batch one: with detached
+    statistics they are constants; otherwise `dmean_P` and `dstd_P` carry the gradient that flows
+    through the group mean and std (dL/dmean / n, and dL/dD / ((n - 1) std) where the std is above the
+    floor), applied to each member of the group by a surrogate term of value zero."""
+
+    implicit: GroupStats  # of s, the implicit reward
+    rewards: GroupStats
+    dmean_P: torch.Tensor
+    dstd_P: torch.Tensor
 
 
 @dataclass
@@ -114,24 +130,29 @@ def gift_loss(
     target z = 0 pulls the samples' implicit rewards together, towards the baseline, with no reward
     information); the mean still divides by every sample, as GRPO's zero advantages do.
     """
-    base_BT = batch.ref_logp_BT if baseline == "reference" else batch.old_logp_BT
-    if base_BT is None:
-        raise ValueError(f"GIFT baseline {baseline!r} needs its log-probs in the batch")
-    mask_BT = batch.mask_BT
-    s_B = _seq_sum(batch.logp_BT - base_BT, mask_BT)  # implicit reward (log-ratio sum)
-    if length_norm_power:
-        s_B = s_B / mask_BT.sum(-1).clamp(min=1).pow(length_norm_power)
-    z_B, s_stats = group_zscore(
-        s_B, batch.group_index_B, batch.num_groups,
-        eps=eps, std_floor=implicit_std_floor, detach_stats=detach_stats, process_group=dp_group,
-    )
+    s_B = _implicit_reward(batch, baseline, length_norm_power)
+    index_B, whole = batch.group_index_B, batch.groups
+    if whole is None:  # this micro-batch holds whole groups (on every DP rank): statistics from it
+        z_B, s_stats = group_zscore(
+            s_B, index_B, batch.num_groups,
+            eps=eps, std_floor=implicit_std_floor, detach_stats=detach_stats, process_group=dp_group,
+        )
+        r_stats = group_stats(batch.rewards_B, index_B, batch.num_groups, dp_group)
+    else:  # taken over the whole mini-batch beforehand (see WholeGroups)
+        s_stats, r_stats = whole.implicit, whole.rewards
+        z_B = (s_B.to(torch.float64) - s_stats.mean_P[index_B]) / (s_stats.std_P.clamp(min=implicit_std_floor)
+                                                                    + eps)[index_B]
     z_B = z_scale * z_B
-    r_stats = group_stats(batch.rewards_B, batch.group_index_B, batch.num_groups, dp_group)
     # Sample mean over the whole mini-batch: divide by the global sample count.
     sq_err_B = (batch.advantages_B.to(torch.float64) - z_B).square()
     if skip_uninformative_groups:
-        sq_err_B = sq_err_B * (r_stats.std_P[batch.group_index_B] > 0)
-    loss = (sq_err_B.sum() / norm.num_samples).float()
+        sq_err_B = sq_err_B * (r_stats.std_P[index_B] > 0)
+    loss = sq_err_B.sum() / norm.num_samples
+    if whole is not None and not detach_stats:  # value 0; gradient through the group's mean and std
+        s = s_B.to(torch.float64)
+        loss = loss + ((s - s.detach()) * (whole.dmean_P[index_B] + whole.dstd_P[index_B]
+                                           * (s.detach() - s_stats.mean_P[index_B]))).sum()
+    loss = loss.float()
     with torch.no_grad():
         beta_P = r_stats.std_P / s_stats.std_P  # self-tuned KL coefficient per prompt
         informative_P = (r_stats.std_P > 0) & (s_stats.std_P > 0)
@@ -143,6 +164,52 @@ def gift_loss(
             **_percentiles(torch.log(beta_P[informative_P]), "log_beta"),
         }
     return loss, metrics
+
+
+def _implicit_reward(batch: LossBatch, baseline: str, length_norm_power: float) -> torch.Tensor:
+    """s_i = sum_t (log pi - log pi_base) / L_i^p."""
+    base_BT = batch.ref_logp_BT if baseline == "reference" else batch.old_logp_BT
+    if base_BT is None:
+        raise ValueError(f"GIFT baseline {baseline!r} needs its log-probs in the batch")
+    s_B = _seq_sum(batch.logp_BT - base_BT, batch.mask_BT)
+    if length_norm_power:
+        s_B = s_B / batch.mask_BT.sum(-1).clamp(min=1).pow(length_norm_power)
+    return s_B
+
+
+@torch.no_grad()
+def gift_group_statistics(
+    batch: LossBatch,
+    norm: LossNorm,
+    *,
+    baseline: str = "reference",
+    length_norm_power: float = 0.0,
+    detach_stats: bool = True,
+    implicit_std_floor: float = 1.0,
+    z_scale: float = 1.0,
+    skip_uninformative_groups: bool = False,
+    eps: float = 1e-6,
+    dp_group: dist.ProcessGroup | None = None,
+) -> WholeGroups:
+    """`WholeGroups` of a whole mini-batch (this rank's rows, every DP rank taking part), from log-probs
+    at the current weights (`batch.logp_BT`, no gradient needed): gift_loss's options, same values."""
+    index_B, P = batch.group_index_B, batch.num_groups
+    s_B = _implicit_reward(batch, baseline, length_norm_power).to(torch.float64)
+    s, r = group_stats(s_B, index_B, P, dp_group), group_stats(batch.rewards_B, index_B, P, dp_group)
+    dmean_P, dstd_P = torch.zeros_like(s.mean_P), torch.zeros_like(s.mean_P)
+    if not detach_stats:
+        # L = sum_i w_i (A_i - z_i)^2 / N, z_i = k (s_i - mean) / D, D = max(std, floor) + eps.
+        D_P = s.std_P.clamp(min=implicit_std_floor) + eps
+        z_B = z_scale * (s_B - s.mean_P[index_B]) / D_P[index_B]
+        w_B = (r.std_P[index_B] > 0).double() if skip_uninformative_groups else torch.ones_like(s_B)
+        e_B = 2 * w_B * (batch.advantages_B.to(torch.float64) - z_B) / norm.num_samples
+        dL_dmean_P = group_sum(e_B, index_B, P, dp_group) * z_scale / D_P  # dz_i/dmean = -k / D
+        dL_dD_P = group_sum(e_B * z_B, index_B, P, dp_group) / D_P  # dz_i/dD = -z_i / D
+        dmean_P = dL_dmean_P / s.count_P
+        moving = (s.std_P > implicit_std_floor) & (s.std_P > 0)  # the clamp passes no gradient below the floor
+        dstd_P = torch.where(moving, dL_dD_P / ((s.count_P - 1).clamp(min=1) * s.std_P.clamp(min=1e-300)),
+                             torch.zeros_like(dstd_P))
+    return WholeGroups(s, r, dmean_P, dstd_P)
 
 
 def sft_loss(batch: LossBatch, norm: LossNorm, *, dp_group: dist.ProcessGroup | None = None):

@@ -90,6 +90,10 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        # Token-budget micro-batches differ in shape: pipeline stages exchange shapes before tensors.
+        variable_seq_lengths=parallel.max_tokens_per_micro_batch > 0,
+        # (megatron refuses variable lengths with its default MoE dispatcher; these models have no MoE)
+        moe_token_dispatcher_type="alltoall" if parallel.max_tokens_per_micro_batch else "allgather",
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -3,25 +3,35 @@
 Legend: B = samples on this DP rank, S = sequence positions, T = S - 1 predicted positions.
 
 A `RolloutBatch` (rollout/batch.py) is this DP rank's share of one mini-batch, prompt-major (G/DP samples of each
-prompt in turn). Micro-batches are contiguous slices of `micro_batch_size` samples: whole groups, the
-same prompts on every DP rank (DESIGN.md). The forward step runs the model chunk; on the last
-pipeline stage the loss function turns the vocab-sharded logits into log-probs and calls the
-algorithm's loss with the DP group. Pipelining (none, 1F1B, interleaved) is megatron-core's
-`get_forward_backward_func`, chosen from the parallel state.
+prompt in turn). Micro-batches (`MicroBatching`) are either contiguous slices of `micro_batch_size`
+samples, whole groups, the same prompts on every DP rank (DESIGN.md), all padded to the batch's
+longest sequence; or, with a token budget, this rank's samples sorted by length and packed into bins
+of at most `max_tokens` padded tokens, each padded only to its own longest sample, as many bins on
+every DP rank (megatron's schedules run the same number of micro-batches everywhere). Bins cut
+groups: losses that need whole-group statistics (GIFT's z) get them over the whole mini-batch first
+(`algo.build_group_statistics`), so the loss and gradient equal the fixed-batch ones.
+
+The forward step runs the model chunk; on the last pipeline stage the loss function turns the
+vocab-sharded logits into log-probs and calls the algorithm's loss with the DP group. Pipelining
+(none, 1F1B, interleaved) is megatron-core's `get_forward_backward_func`, chosen from the parallel
+state; varying micro-batch shapes need its `variable_seq_lengths` (set by megatron/model.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from gift_megatron.algo import LossBatch, LossNorm, global_norm, vocab_parallel_entropy, vocab_parallel_logprobs
+from gift_megatron.algo.layout import round_up, split_bins, token_budget_bins
+from gift_megatron.algo.losses import WholeGroups
 from gift_megatron.rollout.batch import RolloutBatch
 
 
@@ -29,10 +39,51 @@ def _causal_mask(seq_len: int, device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
-def micro_batches(batch: RolloutBatch, micro_batch_size: int) -> list[RolloutBatch]:
-    B = batch.tokens_BS.shape[0]
-    assert B % micro_batch_size == 0 and micro_batch_size % batch.samples_per_prompt == 0, (B, micro_batch_size)
-    return [batch.select(slice(i, i + micro_batch_size)) for i in range(0, B, micro_batch_size)]
+@dataclass(frozen=True)
+class MicroBatching:
+    """How a rank's samples become micro-batches: `size` samples each (whole groups, one shape), or with
+    `max_tokens` > 0 token-budget bins (`size` unused); lengths rounded up to `pad_multiple` (TP under
+    sequence parallelism)."""
+
+    size: int
+    max_tokens: int = 0
+    pad_multiple: int = 1
+
+
+@dataclass
+class MicroBatches:
+    """A batch cut into micro-batches: `rows[i]` are the batch rows of `parts[i]`; `computed` the
+    positions the passes run over (samples x padded length), `needed` those the sequences fill."""
+
+    parts: list[RolloutBatch]
+    rows: list[torch.Tensor]
+    computed: int
+    needed: int
+
+
+def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
+    B, S = batch.tokens_BS.shape
+    needed = int(batch.sequence_lengths().sum())
+    if not batching.max_tokens:
+        assert B % batching.size == 0 and batching.size % batch.samples_per_prompt == 0, (B, batching.size)
+        rows = [torch.arange(i, i + batching.size) for i in range(0, B, batching.size)]
+        return MicroBatches([batch.select(slice(i, i + batching.size)) for i in range(0, B, batching.size)], rows,
+                            B * S, needed)
+    lengths = batch.sequence_lengths().tolist()
+    bins = token_budget_bins(lengths, batching.max_tokens, batching.pad_multiple)
+    count = torch.tensor([len(bins)])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_virtual_pipeline_model_parallel_world_size():  # the interleaved schedule's rule
+        count = round_up(int(count), parallel_state.get_pipeline_model_parallel_world_size())
+    if int(count) > B:
+        raise ValueError(f"{int(count)} micro-batches needed (a multiple of the pipeline size under interleaving) "
+                         f"but this rank holds {B} samples: raise parallel.max_tokens_per_micro_batch")
+    bins = split_bins(bins, int(count))
+    indexed = replace(batch, prompt_index_B=batch.group_index_B)  # rows leave prompt-major order
+    rows = [torch.tensor(b) for b in bins]
+    sizes = [round_up(lengths[b[0]], batching.pad_multiple) for b in bins]  # each bin's first is its longest
+    return MicroBatches([indexed.select(r).resize(n) for r, n in zip(rows, sizes)], rows,
+                        sum(len(b) * n for b, n in zip(bins, sizes)), needed)
 
 
 @dataclass
@@ -46,6 +97,7 @@ class StepContext:
     tp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
     entropy: bool = True  # also the mean token entropy (a full-vocabulary pass over the logits)
+    groups: WholeGroups | None = None  # whole-group statistics, when micro-batches cut groups
 
 
 def _loss_func(mb: RolloutBatch, ctx: StepContext, logits_BSV: torch.Tensor):
@@ -60,7 +112,7 @@ def _loss_func(mb: RolloutBatch, ctx: StepContext, logits_BSV: torch.Tensor):
     batch = LossBatch(
         logp_BT=logp_BT, mask_BT=mb.mask_BT.to(logp_BT.dtype), advantages_B=mb.advantages_B, rewards_B=mb.rewards_B,
         group_index_B=mb.group_index_B, num_groups=mb.num_prompts, old_logp_BT=mb.old_logp_BT,
-        ref_logp_BT=mb.ref_logp_BT,
+        ref_logp_BT=mb.ref_logp_BT, groups=ctx.groups,
     )
     loss, metrics = ctx.loss_fn(batch, ctx.norm, dp_group=ctx.dp_group)
     with torch.no_grad():
@@ -81,6 +133,10 @@ def _forward_step(ctx: StepContext, data_iterator, model):
 
 def run_schedule(chunks, mbs: list[RolloutBatch], ctx: StepContext, forward_only: bool) -> list[dict]:
     """megatron-core's schedule over `mbs`; returns the loss function's dicts (last stage only)."""
+    if (len({mb.tokens_BS.shape for mb in mbs}) > 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1
+            and not get_model_config(chunks[0]).variable_seq_lengths):
+        raise RuntimeError("micro-batches of different shapes under pipeline parallelism need the model built with "
+                           "variable_seq_lengths (parallel.max_tokens_per_micro_batch > 0 sets it)")
     iterators = [iter(mbs) for _ in chunks]
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, ctx),
@@ -93,22 +149,33 @@ def run_schedule(chunks, mbs: list[RolloutBatch], ctx: StepContext, forward_only
     )
 
 
-def _context(loss_fn, norm, temperature: float, vocab_size: int, entropy: bool = True) -> StepContext:
+def _context(loss_fn, norm, temperature: float, vocab_size: int, entropy: bool = True,
+             groups: WholeGroups | None = None) -> StepContext:
     return StepContext(loss_fn, norm, temperature, vocab_size, parallel_state.get_tensor_model_parallel_group(),
-                       parallel_state.get_data_parallel_group(), entropy)
+                       parallel_state.get_data_parallel_group(), entropy, groups)
+
+
+def _batching(batching: MicroBatching | int) -> MicroBatching:
+    return batching if isinstance(batching, MicroBatching) else MicroBatching(batching)
 
 
 @torch.no_grad()
-def compute_logprobs(chunks, batch: RolloutBatch, micro_batch_size: int, temperature: float,
+def compute_logprobs(chunks, batch: RolloutBatch, batching: MicroBatching | int, temperature: float,
                      vocab_size: int) -> torch.Tensor | None:
-    """Forward-only log-probs of tokens_BS[:, 1:] (B x T) on the last pipeline stage; None elsewhere."""
+    """Forward-only log-probs of tokens_BS[:, 1:] (B x T, zero past each micro-batch's length) on the
+    last pipeline stage; None elsewhere. `batching`: a MicroBatching, or a fixed micro-batch size."""
     for chunk in chunks:
         chunk.eval()
-    outs = run_schedule(chunks, micro_batches(batch, micro_batch_size),
-                        _context(None, None, temperature, vocab_size), forward_only=True)
+    mbs = micro_batches(batch, _batching(batching))
+    outs = run_schedule(chunks, mbs.parts, _context(None, None, temperature, vocab_size), forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    return torch.cat([o["logp"] for o in outs])
+    B, S = batch.tokens_BS.shape
+    logp = torch.zeros(B, S - 1, dtype=outs[0]["logp"].dtype, device=outs[0]["logp"].device)
+    for rows, out in zip(mbs.rows, outs):
+        T = min(out["logp"].shape[1], S - 1)
+        logp[rows.to(logp.device), :T] = out["logp"][:, :T]
+    return logp
 
 
 def _reduce_metrics(per_micro_batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -150,16 +217,29 @@ def _broadcast_metrics(metrics: dict[str, float], src: int, group) -> dict[str, 
     return dict(zip(keys, values.tolist()))
 
 
-def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: int, temperature: float,
-                     vocab_size: int, entropy: bool = True) -> dict[str, float]:
-    """One optimizer step on one mini-batch; returns metrics reduced over micro-batches and ranks."""
+def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: MicroBatching | int,
+                     temperature: float, vocab_size: int, entropy: bool = True, group_statistics=None,
+                     current_logp_BT: torch.Tensor | None = None, logp_known: bool = False) -> dict[str, float]:
+    """One optimizer step on one mini-batch; returns metrics reduced over micro-batches and ranks.
+
+    `group_statistics` (algo.build_group_statistics; GIFT) with token-budget micro-batches: the
+    whole-group statistics at the current weights, from `current_logp_BT` when `logp_known` (the
+    caller computed the policy's log-probs at these weights: known on the last stage, None elsewhere;
+    the same flag on every rank) or else a forward-only pass."""
+    batching, dp_group = _batching(micro_batch_size), parallel_state.get_data_parallel_group()
+    norm = global_norm(batch.mask_BT, batch.mask_BT.shape[1], dp_group)
+    mbs = micro_batches(batch, batching)
+    groups = None
+    if group_statistics is not None and batching.max_tokens:
+        logp_BT = current_logp_BT if logp_known else compute_logprobs(policy.chunks, batch, batching, temperature,
+                                                                      vocab_size)
+        groups = _whole_groups(group_statistics, batch, norm, logp_BT)
     for chunk in policy.chunks:
         chunk.train()
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    norm = global_norm(batch.mask_BT, batch.mask_BT.shape[1], parallel_state.get_data_parallel_group())
-    outs = run_schedule(policy.chunks, micro_batches(batch, micro_batch_size),
-                        _context(loss_fn, norm, temperature, vocab_size, entropy), forward_only=False)
+    outs = run_schedule(policy.chunks, mbs.parts, _context(loss_fn, norm, temperature, vocab_size, entropy, groups),
+                        forward_only=False)
     lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step uses
     nonfinite = _nonfinite_anywhere(policy.chunks, outs)
     success, grad_norm = False, None
@@ -168,9 +248,23 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
     if success:
         policy.scheduler.step(increment=1)
     metrics = _reduce_metrics(outs if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else [])
+    tokens = torch.tensor([mbs.computed, mbs.needed], dtype=torch.float64)
+    dist.all_reduce(tokens, group=dp_group)
     metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   update_skipped=float(not success), nonfinite=float(nonfinite), lr=lr)
+                   update_skipped=float(not success), nonfinite=float(nonfinite), lr=lr,
+                   tokens=float(tokens[1]), padding_frac=float(1 - tokens[1] / tokens[0]))
     return metrics
+
+
+def _whole_groups(group_statistics, batch: RolloutBatch, norm: LossNorm,
+                  logp_BT: torch.Tensor | None) -> WholeGroups | None:
+    """Whole-group statistics of the mini-batch on the last stage (where the loss runs); None elsewhere."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    full = LossBatch(logp_BT=logp_BT, mask_BT=batch.mask_BT.to(logp_BT.dtype), advantages_B=batch.advantages_B,
+                     rewards_B=batch.rewards_B, group_index_B=batch.group_index_B, num_groups=batch.num_prompts,
+                     old_logp_BT=batch.old_logp_BT, ref_logp_BT=batch.ref_logp_BT)
+    return group_statistics(full, norm, dp_group=parallel_state.get_data_parallel_group())
 
 
 def _nonfinite_anywhere(chunks, outs: list[dict]) -> bool:
@@ -188,12 +282,18 @@ def _nonfinite_anywhere(chunks, outs: list[dict]) -> bool:
     return bool(flag.item())
 
 
-def train_rollout_batch(policy, loss_fn, batch: RolloutBatch, *, num_mini_batches: int, micro_batch_size: int,
-                        temperature: float, vocab_size: int, entropy: bool = True) -> list[dict[str, float]]:
-    """Several optimizer steps on one rollout batch: contiguous prompt ranges, one step each."""
+def train_rollout_batch(policy, loss_fn, batch: RolloutBatch, *, num_mini_batches: int,
+                        micro_batch_size: MicroBatching | int, temperature: float, vocab_size: int,
+                        entropy: bool = True, group_statistics=None, current_logp_BT: torch.Tensor | None = None,
+                        logp_known: bool = False) -> list[dict[str, float]]:
+    """Several optimizer steps on one rollout batch: contiguous prompt ranges, one step each.
+    `current_logp_BT` with `logp_known`: the policy's log-probs of the whole batch before the first step."""
     B = batch.tokens_BS.shape[0]
     assert B % num_mini_batches == 0 and (B // num_mini_batches) % batch.samples_per_prompt == 0
     size = B // num_mini_batches
     return [train_mini_batch(policy, loss_fn, batch.select(slice(i, i + size)), micro_batch_size=micro_batch_size,
-                             temperature=temperature, vocab_size=vocab_size, entropy=entropy)
+                             temperature=temperature, vocab_size=vocab_size, entropy=entropy,
+                             group_statistics=group_statistics,
+                             current_logp_BT=current_logp_BT[i: i + size] if current_logp_BT is not None else None,
+                             logp_known=logp_known and i == 0)  # later mini-batches: the weights have moved
             for i in range(0, B, size)]

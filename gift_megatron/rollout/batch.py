@@ -28,12 +28,27 @@ class RolloutBatch:
     old_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (rollout policy)
     ref_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (reference)
     engine_logp_BT: torch.Tensor | None = None  # the engine's log-probs of the sampled tokens (0 elsewhere)
+    prompt_index_B: torch.Tensor | None = None  # each row's prompt, when rows are not prompt-major (token budgets)
 
     def select(self, idx: torch.Tensor | slice) -> RolloutBatch:
         """Rows `idx` of every per-sample tensor."""
         picked = {f.name: getattr(self, f.name)[idx] for f in fields(self)
                   if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **picked)
+
+    def resize(self, S: int) -> RolloutBatch:
+        """The first S positions of every sequence tensor (zero-padded when S is longer): a micro-batch
+        padded only to its own longest sample. Positions past a sequence's end never affect it (causal)."""
+        def fit(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t[:, :n] if t.shape[1] >= n else torch.nn.functional.pad(t, (0, n - t.shape[1]))
+        sized = {f.name: fit(getattr(self, f.name), S - f.name.endswith("_BT")) for f in fields(self)
+                 if f.name.endswith(("_BS", "_BT")) and getattr(self, f.name) is not None}
+        return replace(self, **sized)
+
+    def sequence_lengths(self) -> torch.Tensor:
+        """Positions each row needs: through its last response token (2 at least: one predicted position)."""
+        positions = torch.arange(1, self.tokens_BS.shape[1] + 1, device=self.tokens_BS.device)
+        return (self.response_mask_BS * positions).amax(-1).long().clamp(min=2)
 
     @property
     def mask_BT(self) -> torch.Tensor:
@@ -46,6 +61,8 @@ class RolloutBatch:
     @property
     def group_index_B(self) -> torch.Tensor:
         """The prompt of each row, 0 .. num_prompts - 1."""
+        if self.prompt_index_B is not None:
+            return self.prompt_index_B
         return torch.arange(self.tokens_BS.shape[0], device=self.tokens_BS.device) // self.samples_per_prompt
 
 
