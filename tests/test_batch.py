@@ -1,7 +1,9 @@
 """Completions -> the padded rollout batch: positions of tokens, masks and log-probs by hand."""
 
+import pytest
 import torch
 
+from gift_megatron.algo.layout import split_bins, token_budget_bins
 from gift_megatron.rollout.batch import finished, pad_groups, response_lengths
 from gift_megatron.rollout.engine import Completion
 
@@ -33,3 +35,41 @@ def test_select_takes_the_rows_of_every_per_sample_tensor():
     assert s.tokens_BS[:, 0].tolist() == [10, 11, 12] and s.rewards_B.tolist() == [1.0, 3.0, 5.0]
     assert s.advantages_B.tolist() == [-1.0, -3.0, -5.0] and s.ref_logp_BT[:, 0].tolist() == [1.0, 3.0, 5.0]
     assert s.engine_logp_BT.shape == (3, 2) and s.old_logp_BT is None and s.samples_per_prompt == 2
+
+
+def test_token_budget_bins_by_hand():
+    """Longest first; a bin grows while (samples + 1) x its longest fits the budget."""
+    lengths = [3, 9, 4, 8, 2, 5]
+    assert token_budget_bins(lengths, 18) == [[1, 3], [5, 2, 0], [4]]  # 2 x 9; 3 x 5 (4 x 5 > 18); 2
+    assert token_budget_bins(lengths, 18, pad_multiple=4) == [[1], [3, 5], [2, 0, 4]]  # 12; 2 x 8; 3 x 4
+    assert token_budget_bins(lengths, 100) == [[1, 3, 5, 2, 0, 4]]
+    with pytest.raises(ValueError, match="a sequence of 9 tokens exceeds parallel.max_tokens_per_micro_batch=8"):
+        token_budget_bins(lengths, 8)
+
+
+def test_token_budget_bins_keep_every_sample_once_within_budget():
+    g = torch.Generator().manual_seed(0)
+    for budget in (64, 100, 257):
+        lengths = torch.randint(1, 65, (50,), generator=g).tolist()
+        bins = token_budget_bins(lengths, budget)
+        assert sorted(i for b in bins for i in b) == list(range(50))
+        for b in bins:
+            assert len(b) * max(lengths[i] for i in b) <= budget
+            assert lengths[b[0]] == max(lengths[i] for i in b)  # the first of a bin is its longest
+        for count in (len(bins), len(bins) + 3, 50):  # every DP rank runs as many bins as the fullest
+            split = split_bins(bins, count)
+            assert len(split) == count and sorted(i for b in split for i in b) == list(range(50))
+            assert all(b and lengths[b[0]] == max(lengths[i] for i in b) for b in split)
+
+
+def test_resize_and_sequence_lengths():
+    prompts = [[10, 11], [12]]
+    groups = [[Completion([5, 3], [-0.5, -0.1], "stop"), Completion([6], [-1.0], "length")],
+              [Completion([7, 8, 3], [-0.2, -0.3, -0.4], "stop"), Completion([], [], "length")]]
+    b = pad_groups(prompts, groups, pad_id=0)
+    assert b.sequence_lengths().tolist() == [4, 3, 4, 2]  # through the last response token; 2 at least
+    short = b.select(torch.tensor([1, 3])).resize(3)
+    assert short.tokens_BS.tolist() == [[10, 11, 6], [12, 0, 0]] and short.engine_logp_BT.shape == (2, 2)
+    longer = b.resize(6)
+    assert longer.tokens_BS.shape == (4, 6) and longer.engine_logp_BT.shape == (4, 5)
+    assert longer.response_mask_BS[:, 4:].sum() == 0 and torch.equal(longer.engine_logp_BT[:, :3], b.engine_logp_BT)

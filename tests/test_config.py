@@ -109,6 +109,9 @@ ERRORS = [
     (["parallel.micro_batch_size=12"], "parallel.micro_batch_size=12 is not a multiple of G/DP=8"),
     (["algo.num_mini_batches=5"], "data.num_prompts_per_step=32 is not divisible by algo.num_mini_batches=5"),
     (["parallel.micro_batch_size=48"], "a mini-batch has 256 samples per DP rank"),
+    (["parallel.max_tokens_per_micro_batch=-1"], "parallel.max_tokens_per_micro_batch=-1 must be >= 0"),
+    (["parallel.max_tokens_per_micro_batch=21"], "parallel.max_tokens_per_micro_batch=21 is below the longest "
+                                                 "sequence, data.max_prompt_length + rollout.max_new_tokens = 22"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs tensor_model_parallel_size > 1"),
     (["model.kv_channels=16", "device=cpu"], "model.kv_channels=16 (head dim) is not supported by vLLM on CPU"),
     (["rollout.tensor_parallel_size=2", "device=cpu"], "rollout.tensor_parallel_size must be 1 on CPU"),

@@ -361,3 +361,30 @@ def test_a_refreshed_reference_is_checkpointed_and_restored(init_ckpt, tmp_path)
     torch.testing.assert_close(loaded["reference"], saved["reference"], rtol=0, atol=0)
     torch.testing.assert_close(loaded["policy"], saved["policy"], rtol=0, atol=0)
     assert "holds no reference weights" in loaded["refused"] and "reference_refresh_every=0" in loaded["refused"]
+
+
+def _warmup_worker(rank, world, max_tokens):
+    from gift_megatron.megatron.model import build_gpt_models
+    from gift_megatron.megatron.parallel import init_model_parallel
+    from gift_megatron.megatron.warmup import pad_sequences, supervised_warmup
+
+    cfg = W.make_config(world)
+    init_model_parallel(cfg.parallel, 1, on_gpu=False)
+    (model,) = build_gpt_models(cfg.model, cfg.parallel, on_gpu=False)  # seeded: the same weights in both runs
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, W.V, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (40,), generator=g)]
+    answers = [torch.randint(1, W.V, (int(n),), generator=g).tolist() for n in torch.randint(1, 7, (40,), generator=g)]
+    data = pad_sequences(prompts, answers, pad_id=0)
+    stats = supervised_warmup(model, data, data, vocab_size=W.V, batch_size=16, max_steps=3, target_accuracy=1.1,
+                              eval_every=3, max_tokens=max_tokens)
+    return stats, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_warmup_in_token_budget_micro_batches_takes_the_same_steps():
+    """The supervised warm-up's batches in token bins (gradients accumulated) train as the whole batch."""
+    fixed, fixed_weights = run_distributed(_warmup_worker, 1, 0)[0]
+    binned, binned_weights = run_distributed(_warmup_worker, 1, 12)[0]
+    assert fixed["warmup_steps"] == binned["warmup_steps"] == 3
+    assert binned["warmup_nll"] == pytest.approx(fixed["warmup_nll"], rel=1e-5)
+    assert binned["warmup_accuracy"] == fixed["warmup_accuracy"]
+    torch.testing.assert_close(binned_weights, fixed_weights, rtol=0, atol=1e-5)

@@ -103,9 +103,13 @@ def _last_step(run_dir: Path) -> int:
 
 
 def _release(jid: str, log: Path, restart: int, deadline: float) -> None:
-    """Slurm holds a requeued job for ~2 minutes before it is eligible again: release it now."""
+    """Slurm holds a requeued job for ~2 minutes before it is eligible again: release it now, but not
+    within the second of the requeue: slurmd compares the new job credential's creation time with the
+    requeue's revocation time in whole seconds and kills the batch job as "Job credential revoked"
+    (seen in CI: released 0.6 s after the requeue, the rerun died at once)."""
     def released() -> bool:
         if "JobState=PENDING" in sh("scontrol", "show", "job", jid):
+            time.sleep(2)
             sh("scontrol", "update", f"JobId={jid}", "StartTime=now")
         return f"(restart {restart})" in _text(log)
     _until(released, deadline, f"restart {restart} of job {jid}")

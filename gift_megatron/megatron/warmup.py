@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from gift_megatron.algo import LossBatch, LossNorm, sft_loss, vocab_parallel_logprobs
+from gift_megatron.algo.layout import token_budget_bins
 from gift_megatron.config import Config, ParallelConfig
 from gift_megatron.launch import free_port
 from gift_megatron.megatron.checkpoint import save_model_weights
@@ -56,39 +58,57 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens, pos, torch.triu(torch.ones(S, S, dtype=torch.bool), 1)[None, None])
 
 
+def _bins(mask_BS: torch.Tensor, max_tokens: int) -> list[tuple[torch.Tensor, int]]:
+    """(rows, length) of each micro-batch: all rows at full length, or token-budget bins (as training)."""
+    if not max_tokens:
+        return [(torch.arange(mask_BS.shape[0]), mask_BS.shape[1])]
+    positions = torch.arange(1, mask_BS.shape[1] + 1)
+    lengths = (mask_BS * positions).amax(-1).long().clamp(min=2).tolist()
+    return [(torch.tensor(b), lengths[b[0]]) for b in token_budget_bins(lengths, max_tokens)]
+
+
 @torch.no_grad()
-def exact_accuracy(model, tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int, batch: int = 512) -> float:
+def exact_accuracy(model, tokens: torch.Tensor, mask: torch.Tensor, vocab_size: int, batch: int = 512,
+                   max_tokens: int = 0) -> float:
     model.eval()
     hits = []
     for i in range(0, tokens.shape[0], batch):
-        t, m = tokens[i: i + batch], mask[i: i + batch, 1:]
-        pred = _logits(model, t)[:, :-1, :vocab_size].argmax(-1)
-        hits.append(((pred == t[:, 1:]) | (m == 0)).all(-1))
+        for rows, S in _bins(mask[i: i + batch], max_tokens):
+            t, m = tokens[i: i + batch][rows, :S], mask[i: i + batch][rows, 1:S]
+            pred = _logits(model, t)[:, :-1, :vocab_size].argmax(-1)
+            hits.append(((pred == t[:, 1:]) | (m == 0)).all(-1))
     return float(torch.cat(hits).float().mean())
 
 
 def supervised_warmup(model, train: tuple[torch.Tensor, torch.Tensor], held_out: tuple[torch.Tensor, torch.Tensor],
                       *, vocab_size: int, lr: float = 1e-3, batch_size: int = 128, max_steps: int = 400,
-                      target_accuracy: float = 0.15, eval_every: int = 10, seed: int = 0) -> dict[str, float]:
-    """Train `model` (one GPTModel chunk, one process) in place; returns steps, accuracy, nll."""
+                      target_accuracy: float = 0.15, eval_every: int = 10, seed: int = 0,
+                      max_tokens: int = 0) -> dict[str, float]:
+    """Train `model` (one GPTModel chunk, one process) in place; returns steps, accuracy, nll.
+    `max_tokens` > 0: each batch in token-budget micro-batches (gradients accumulated; the same loss)."""
     assert parallel_state.get_tensor_model_parallel_world_size() == 1, "warm-up runs in one process"
     assert parallel_state.get_pipeline_model_parallel_world_size() == 1, "warm-up runs in one process"
     tokens, mask = train
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    acc, nll, step = exact_accuracy(model, *held_out, vocab_size), float("nan"), 0
+    accuracy = partial(exact_accuracy, model, *held_out, vocab_size, max_tokens=max_tokens)
+    acc, nll, step = accuracy(), float("nan"), 0
     while acc < target_accuracy and step < max_steps:
         model.train()
         idx = torch.randint(0, tokens.shape[0], (batch_size,), generator=g)
-        t, m = tokens[idx], mask[idx, 1:]
-        logp = vocab_parallel_logprobs(_logits(model, t)[:, :-1], t[:, 1:], vocab_size=vocab_size)
-        loss, _ = sft_loss(LossBatch(logp, m), LossNorm(len(idx), float(m.sum()), m.shape[1]))
+        norm = LossNorm(len(idx), float(mask[idx, 1:].sum()), mask.shape[1] - 1)  # the whole batch's counts
         opt.zero_grad()
-        loss.backward()
+        total = 0.0
+        for rows, S in _bins(mask[idx], max_tokens):
+            t, m = tokens[idx[rows], :S], mask[idx[rows], 1:S]
+            logp = vocab_parallel_logprobs(_logits(model, t)[:, :-1], t[:, 1:], vocab_size=vocab_size)
+            loss, _ = sft_loss(LossBatch(logp, m), norm)  # this micro-batch's share of the batch's mean
+            loss.backward()
+            total += float(loss.detach())
         opt.step()
-        step, nll = step + 1, float(loss.detach())
+        step, nll = step + 1, total
         if step % eval_every == 0:
-            acc = exact_accuracy(model, *held_out, vocab_size)
+            acc = accuracy()
             log.info("warm-up step %d: nll %.3f, held-out exact accuracy %.3f", step, nll, acc)
     model.eval()
     return {"warmup_steps": step, "warmup_accuracy": acc, "warmup_nll": nll}
@@ -101,7 +121,7 @@ def warmup_cache_path(cfg: Config, cache_root: Path) -> Path:
                                              d.answer_field, d.use_chat_template, d.max_prompt_length]
     key = json.dumps([dataclasses.asdict(cfg.model), d.seed, d.num_eval_prompts, d.warmup_target_accuracy,
                       d.warmup_max_steps, d.warmup_lr, d.warmup_batch_size, cfg.seed, *files], sort_keys=True,
-                     default=str)
+                     default=str)  # not the micro-batching: like the trainer's layout, it changes round-off only
     return cache_root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -113,7 +133,7 @@ def train_warmup(cfg: Config, task: TaskData, path: Path) -> None:
     stats = supervised_warmup(model, pairs(task.train), pairs(task.eval), vocab_size=cfg.model.vocab_size,
                               lr=cfg.data.warmup_lr, batch_size=cfg.data.warmup_batch_size,
                               max_steps=cfg.data.warmup_max_steps, target_accuracy=cfg.data.warmup_target_accuracy,
-                              seed=cfg.seed)
+                              seed=cfg.seed, max_tokens=cfg.parallel.max_tokens_per_micro_batch)
     log.info("warm-up done: %s", stats)
     save_model_weights(path, [model])
     (path.parent / f"{path.name}.json").write_text(json.dumps(stats))
