@@ -38,12 +38,17 @@ def test_select_takes_the_rows_of_every_per_sample_tensor():
 
 
 def test_token_budget_bins_by_hand():
-    """Longest first; a bin grows while (samples + 1) x its longest fits the budget."""
+    """Longest first; a bin grows while (samples + 1) x its longest fits the budget and the sample is at
+    least (1 - max_padding) of the longest."""
     lengths = [3, 9, 4, 8, 2, 5]
-    assert token_budget_bins(lengths, 18) == [[1, 3], [5, 2, 0], [4]]  # 2 x 9; 3 x 5 (4 x 5 > 18); 2
-    assert token_budget_bins(lengths, 18, pad_multiple=4) == [[1], [3, 5], [2, 0, 4]]  # 12; 2 x 8; 3 x 4
-    assert token_budget_bins(lengths, 100) == [[1, 3, 5, 2, 0, 4]]
-    with pytest.raises(ValueError, match="a sequence of 9 tokens exceeds parallel.max_tokens_per_micro_batch=8"):
+    budget_only = dict(max_padding=1.0)
+    assert token_budget_bins(lengths, 18, **budget_only) == [[1, 3], [5, 2, 0], [4]]  # 2 x 9; 3 x 5 (4 x 5 > 18)
+    assert token_budget_bins(lengths, 18, pad_multiple=4, **budget_only) == [[1], [3, 5], [2, 0, 4]]  # 12; 2x8; 3x4
+    assert token_budget_bins(lengths, 100, **budget_only) == [[1, 3, 5, 2, 0, 4]]
+    lengths = [10, 20, 19, 9, 18, 5]  # default max_padding 0.1: 20, 19, 18 (3 x 20 = 60 fits); 10, 9; 5 < 0.9 x 9
+    assert token_budget_bins(lengths, 60) == [[1, 2, 4], [0, 3], [5]]
+    assert token_budget_bins(lengths, 59) == [[1, 2], [4], [0, 3], [5]]  # 3 x 20 > 59; 10 < 0.9 x 18
+    with pytest.raises(ValueError, match="a sequence of 20 tokens exceeds parallel.max_tokens_per_micro_batch=8"):
         token_budget_bins(lengths, 8)
 
 
@@ -55,6 +60,7 @@ def test_token_budget_bins_keep_every_sample_once_within_budget():
         assert sorted(i for b in bins for i in b) == list(range(50))
         for b in bins:
             assert len(b) * max(lengths[i] for i in b) <= budget
+            assert min(lengths[i] for i in b) >= 0.9 * max(lengths[i] for i in b)
             assert lengths[b[0]] == max(lengths[i] for i in b)  # the first of a bin is its longest
         for count in (len(bins), len(bins) + 3, 50):  # every DP rank runs as many bins as the fullest
             split = split_bins(bins, count)

@@ -71,9 +71,9 @@ def test_gift_raises_reward_and_held_out_accuracy(runs):
 def test_grpo_runs_the_same_loop(runs):
     """GRPO through the same loop (its learning is compared over seeds in bench/convergence.py: 60 steps
     on one seed are within noise of the start, measured 0.152 -> 0.118 / 0.168)."""
-    rows = train(runs / "grpo", "algo=grpo", "num_steps=20", "eval_every=20", "save_every=1000")
+    rows = train(runs / "grpo", "algo=grpo", "num_steps=6", "eval_every=6", "save_every=1000")
     steps = [r for r in rows if "reward" in r]
-    assert len(steps) == 20 and all(r["update_skipped"] == 0 and "clip_frac" in r for r in steps)
+    assert len(steps) == 6 and all(r["update_skipped"] == 0 and "clip_frac" in r for r in steps)
     assert max(r["logprob_diff_max"] for r in steps) < 1e-3  # as in the GIFT run above
     assert all(r["grad_norm"] > 0 for r in steps if 0 < r["reward"] < 1)
 
