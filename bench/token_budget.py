@@ -7,7 +7,9 @@ median cap/5 and sigma 0.9, clipped to [8, cap]. Each pass runs over the same sa
 
 * fixed: micro-batches of `--micro-batch` samples, all padded to the step's longest sequence;
 * token budget: length-sorted bins of at most micro-batch x longest tokens (the same activation
-  peak as the fixed micro-batch), each padded to its own longest.
+  peak as the fixed micro-batch), each padded to its own longest;
+* packed: the same budget as rows of several sequences (block-diagonal attention masks; the local
+  attention spec computes the full row x row scores, so long rows pay quadratic attention).
 
 Timed per algorithm, the trainer's work for one step (a single mini-batch): GRPO one forward-only
 pass (old log-probs) + the update; GIFT fixed: the reference pass + the update; GIFT token budget:
@@ -31,6 +33,7 @@ from gift_megatron.config import AlgoConfig, Config, DataConfig, ModelConfig, Pa
 from gift_megatron.launch import run_distributed
 
 VOCAB = 4096
+MODES = ("fixed", "token budget", "packed")
 
 
 def long_tailed_batch(prompts: int, group_size: int, cap: int, seed: int = 0):
@@ -50,12 +53,14 @@ def long_tailed_batch(prompts: int, group_size: int, cap: int, seed: int = 0):
     return RolloutBatch(tokens, resp, rewards, adv, group_size), response_len
 
 
-def _config(algo: str, prompts: int, group_size: int, micro_batch: int, max_tokens: int, cap: int) -> Config:
+def _config(algo: str, prompts: int, group_size: int, micro_batch: int, max_tokens: int, cap: int,
+            pack: bool = False) -> Config:
     return Config(
         model=ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4,
                           num_query_groups=4, kv_channels=64, vocab_size=VOCAB, make_vocab_size_divisible_by=1,
                           max_position_embeddings=cap + 64),
-        parallel=ParallelConfig(micro_batch_size=micro_batch, max_tokens_per_micro_batch=max_tokens),
+        parallel=ParallelConfig(micro_batch_size=micro_batch, max_tokens_per_micro_batch=max_tokens,
+                                sequence_packing=pack),
         algo=AlgoConfig(name=algo, group_size=group_size, reference_refresh_every=0 if algo == "grpo" else 20),
         data=DataConfig(num_prompts_per_step=prompts, max_prompt_length=64),
         rollout=RolloutConfig(engine="vllm_server", max_new_tokens=cap), device="cpu")
@@ -70,11 +75,12 @@ def _worker(rank, world, prompts, group_size, cap, micro_batch, steps):
     budget = micro_batch * batch.tokens_BS.shape[1]  # the fixed micro-batch's size in tokens
     out = {}
     for algo in ("grpo", "gift"):
-        for max_tokens in (0, budget):
-            cfg = _config(algo, prompts, group_size, micro_batch, max_tokens, cap)
+        for mode in MODES:
+            max_tokens = budget if mode != "fixed" else 0
+            cfg = _config(algo, prompts, group_size, micro_batch, max_tokens, cap, pack=mode == "packed")
             init_model_parallel(cfg.parallel, 0, on_gpu=False)
             policy = build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=100)
-            batching = MicroBatching(micro_batch, max_tokens)
+            batching = MicroBatching(micro_batch, max_tokens, pack=mode == "packed")
             loss_fn, stats = build_loss(cfg.algo), build_group_statistics(cfg.algo) if max_tokens else None
             times, padding = [], float("nan")
             for _ in range(steps + 1):
@@ -90,7 +96,7 @@ def _worker(rank, world, prompts, group_size, cap, micro_batch, steps):
                                      logp_known=stats is not None)
                 times.append(time.perf_counter() - t0)
                 padding = m["padding_frac"]
-            out[algo, bool(max_tokens)] = {"time": statistics.median(times[1:]), "padding": padding}
+            out[algo, mode] = {"time": statistics.median(times[1:]), "padding": padding}
     return out, budget
 
 
@@ -107,14 +113,11 @@ def main() -> None:
     q = torch.quantile(lengths.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     print(f"{a.prompts} x {a.group_size} samples; response lengths p10/p50/p90/max {q[0]:.0f}/{q[1]:.0f}/{q[2]:.0f}/"
           f"{int(lengths.max())} (cap {a.cap}); fixed micro-batch {a.micro_batch} samples, token budget {budget}")
-    print("algo | batching | padding fraction | log-prob pass(es) + update s")
+    print("algo | batching | padding fraction | log-prob pass(es) + update s | / fixed")
     for algo in ("grpo", "gift"):
-        for tb in (False, True):
-            x = r[algo, tb]
-            print(f"{algo} | {'token budget' if tb else 'fixed'} | {x['padding']:.3f} | {x['time']:.2f}")
-    for algo in ("grpo", "gift"):
-        print(f"{algo}: time token budget / fixed = {r[algo, True]['time'] / r[algo, False]['time']:.2f}, "
-              f"padding {r[algo, False]['padding']:.3f} -> {r[algo, True]['padding']:.3f}")
+        for mode in MODES:
+            x, fixed = r[algo, mode], r[algo, "fixed"]
+            print(f"{algo} | {mode} | {x['padding']:.3f} | {x['time']:.2f} | {x['time'] / fixed['time']:.2f}")
 
 
 if __name__ == "__main__":

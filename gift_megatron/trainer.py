@@ -118,7 +118,7 @@ class Trainer:
         self.loss = build_loss(cfg.algo)  # GIFT: algo/losses.py gift_loss
         p = cfg.parallel
         self.batching = MicroBatching(p.micro_batch_size, p.max_tokens_per_micro_batch,
-                                      p.tensor_model_parallel_size if p.sequence_parallel else 1)
+                                      p.tensor_model_parallel_size if p.sequence_parallel else 1, p.sequence_packing)
         # GIFT under token budgets: whole-group statistics before micro-batches cut groups
         self.group_statistics = build_group_statistics(cfg.algo) if p.max_tokens_per_micro_batch else None
         self.metrics = MetricsLog(run_dir, writes=self.rank0)

@@ -42,14 +42,14 @@ MAX_TOKENS = 20  # token-budget micro-batches of 1 to 3 samples (sequences of 6 
 
 
 def make_config(world, tp=1, pp=1, vpp=None, num_micro_batches=1, algo="gift", model=None, lr=1e-3,
-                max_tokens=0) -> Config:
+                max_tokens=0, pack=False) -> Config:
     dp = world // (tp * pp)
     return Config(
         model=model or test_model(),
         parallel=ParallelConfig(world_size=world, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp,
                                 micro_batch_size=P * G // dp // num_micro_batches,
-                                max_tokens_per_micro_batch=max_tokens),
+                                max_tokens_per_micro_batch=max_tokens, sequence_packing=pack),
         algo=AlgoConfig(group_size=G, **ALGOS[algo]),
         data=DataConfig(num_prompts_per_step=P, max_prompt_length=PROMPT_LEN),
         optim=OptimConfig(lr=lr, clip_grad=1.0), device="cpu",
@@ -94,7 +94,8 @@ def setup(cfg: Config, seed: int = 1):
 def batching(cfg: Config):
     from gift_megatron.megatron.train_step import MicroBatching
 
-    return MicroBatching(cfg.parallel.micro_batch_size, cfg.parallel.max_tokens_per_micro_batch)
+    p = cfg.parallel
+    return MicroBatching(p.micro_batch_size, p.max_tokens_per_micro_batch, pack=p.sequence_packing)
 
 
 def train(policy, cfg: Config, batch, steps: int = 1) -> list[dict]:

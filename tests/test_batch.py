@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gift_megatron.algo.layout import split_bins, token_budget_bins
+from gift_megatron.algo.layout import packed_rows, split_bins, token_budget_bins
 from gift_megatron.rollout.batch import finished, pad_groups, response_lengths
 from gift_megatron.rollout.engine import Completion
 
@@ -79,3 +79,14 @@ def test_resize_and_sequence_lengths():
     longer = b.resize(6)
     assert longer.tokens_BS.shape == (4, 6) and longer.engine_logp_BT.shape == (4, 5)
     assert longer.response_mask_BS[:, 4:].sum() == 0 and torch.equal(longer.engine_logp_BT[:, :3], b.engine_logp_BT)
+
+
+def test_packed_rows_by_hand():
+    """First-fit decreasing by summed length: 9+8 | 5+4+3+2 under 18; rows rounded up to the multiple."""
+    lengths = [3, 9, 4, 8, 2, 5]
+    assert packed_rows(lengths, 18) == [[1, 3], [5, 2, 0, 4]]
+    assert packed_rows(lengths, 17) == [[1, 3], [5, 2, 0, 4]]
+    assert packed_rows(lengths, 16) == [[1, 5, 4], [3, 2, 0]]  # 9+5+2; 8+4+3
+    assert packed_rows(lengths, 16, pad_multiple=5) == [[1, 5], [3, 2, 0], [4]]  # 9+5+2 = 16 -> 20 > 16
+    with pytest.raises(ValueError, match="a sequence of 9 tokens exceeds"):
+        packed_rows(lengths, 8)

@@ -109,6 +109,10 @@ ERRORS = [
     (["parallel.micro_batch_size=12"], "parallel.micro_batch_size=12 is not a multiple of G/DP=8"),
     (["algo.num_mini_batches=5"], "data.num_prompts_per_step=32 is not divisible by algo.num_mini_batches=5"),
     (["parallel.micro_batch_size=48"], "a mini-batch has 256 samples per DP rank"),
+    (["parallel.sequence_packing=true"], "parallel.sequence_packing packs rows of up to "
+                                         "parallel.max_tokens_per_micro_batch tokens: set that too"),
+    (["parallel.sequence_packing=true", "parallel.max_tokens_per_micro_batch=64",
+      "model.transformer_impl=transformer_engine"], "parallel.sequence_packing runs on the local attention spec"),
     (["parallel.max_tokens_per_micro_batch=-1"], "parallel.max_tokens_per_micro_batch=-1 must be >= 0"),
     (["parallel.max_tokens_per_micro_batch=21"], "parallel.max_tokens_per_micro_batch=21 is below the longest "
                                                  "sequence, data.max_prompt_length + rollout.max_new_tokens = 22"),

@@ -43,51 +43,57 @@ def init_ckpt(tmp_path_factory):
 
 
 FIXED_ALGOS = ("gift", "grpo")  # fixed micro-batches in every layout (the others: in the loss tests)
+PACKED_ALGOS = ("gift", "grpo")  # sequence packing (rows of several sequences) in every layout
 
 
 def _invariance_worker(rank, world, tp, pp, vpp, nmb, ckpt, arch=None, budget_algos=tuple(W.ALGOS),
-                       fixed_algos=FIXED_ALGOS):
-    """One step per algorithm from the same weights: fixed micro-batches for `fixed_algos` and
-    token-budget micro-batches (every group cut, GIFT's statistics taken first) for `budget_algos`."""
+                       fixed_algos=FIXED_ALGOS, packed_algos=PACKED_ALGOS):
+    """One step per algorithm from the same weights: fixed micro-batches for `fixed_algos`, token-budget
+    micro-batches (every group cut, GIFT's statistics taken first) for `budget_algos`, and the same
+    budget as packed rows for `packed_algos`. Results keyed (algo, "fixed" | "budget" | "packed")."""
     from gift_megatron.megatron.checkpoint import load_model_weights
 
     out, response_BT = {}, W.step_batch()[1][:, 1:]  # token-budget passes compute each sequence's positions only
-    for algo, max_tokens in [(a, 0) for a in fixed_algos] + [(a, W.MAX_TOKENS) for a in budget_algos]:
+    runs = ([(a, "fixed") for a in fixed_algos] + [(a, "budget") for a in budget_algos]
+            + [(a, "packed") for a in packed_algos])
+    for algo, mode in runs:
         cfg = W.make_config(world, tp, pp, vpp, nmb, algo=algo, model=W.test_model(**(arch or {})),
-                            max_tokens=max_tokens)
+                            max_tokens=0 if mode == "fixed" else W.MAX_TOKENS, pack=mode == "packed")
         policy = W.setup(cfg)
         load_model_weights(ckpt, policy.chunks)
         batch = W.local_batch(cfg)
         metrics = W.train(policy, cfg, batch)[0]
-        out[algo, max_tokens] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                                 "padding_frac": metrics["padding_frac"],
-                                 "logp_after": W.logprobs_everywhere(policy.chunks, cfg, batch) * response_BT}
+        out[algo, mode] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                           "padding_frac": metrics["padding_frac"],
+                           "logp_after": W.logprobs_everywhere(policy.chunks, cfg, batch) * response_BT}
     return out
 
 
 @pytest.fixture(scope="module")
 def baseline(init_ckpt):
     """TP = PP = DP = 1, one fixed micro-batch: every algorithm."""
-    return run_distributed(_invariance_worker, 1, 1, 1, None, 1, init_ckpt, None, (), tuple(W.ALGOS))[0]
+    return run_distributed(_invariance_worker, 1, 1, 1, None, 1, init_ckpt, None, (), tuple(W.ALGOS), ())[0]
 
 
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "tp1pp1dp1_mb1"])
 def test_one_step_is_invariant_to_layout(layout, init_ckpt, baseline):
-    """Fixed and token-budget micro-batches, every algorithm: loss and grad norm to 1e-5 relative;
+    """Fixed, token-budget (every algorithm) and packed micro-batches: loss and grad norm to 1e-5 relative;
     post-step log-probs of every sample to 1e-4 absolute (Adam's first step is lr * g / |g|: float32
     round-off in tiny gradients moves it slightly)."""
     world, tp, pp, vpp, nmb = LAYOUTS[layout]
     results = run_distributed(_invariance_worker, world, tp, pp, vpp, nmb, init_ckpt)
     for res in results:
-        for (algo, max_tokens), got in res.items():
-            want = baseline[algo, 0]
-            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (algo, max_tokens)
-            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), (algo, max_tokens)
+        for (algo, mode), got in res.items():
+            want = baseline[algo, "fixed"]
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (algo, mode)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), (algo, mode)
             torch.testing.assert_close(got["logp_after"], want["logp_after"], rtol=0, atol=1e-4)
-        # Token bins really hold less padding than one micro-batch padded to the step's longest.
-        assert res["gift", W.MAX_TOKENS]["padding_frac"] < res["gift", 0]["padding_frac"]
+        # Token bins really hold less padding than one micro-batch padded to the step's longest; packed
+        # rows no more (here both are often exact fits).
+        assert res["gift", "packed"]["padding_frac"] <= res["gift", "budget"]["padding_frac"]
+        assert res["gift", "budget"]["padding_frac"] < res["gift", "fixed"]["padding_frac"]
     # The step really changed the model (the comparison above is not of two untouched models).
-    assert min(baseline[algo, 0]["grad_norm"] for algo in W.ALGOS) > 1e-3
+    assert min(baseline[algo, "fixed"]["grad_norm"] for algo in W.ALGOS) > 1e-3
 
 
 def test_qwen_like_architecture_is_invariant_to_tp_and_pp(tmp_path):
@@ -95,14 +101,15 @@ def test_qwen_like_architecture_is_invariant_to_tp_and_pp(tmp_path):
     stages and their gradients are all-reduced by finalize_model_grads)."""
     run_distributed(_init_worker, 1, str(tmp_path), QWEN_LIKE)
     ckpt = str(latest_checkpoint(tmp_path))
-    base = run_distributed(_invariance_worker, 1, 1, 1, None, 1, ckpt, QWEN_LIKE, ())[0]
+    base = run_distributed(_invariance_worker, 1, 1, 1, None, 1, ckpt, QWEN_LIKE, (), FIXED_ALGOS, ())[0]
     for layout in ("tp2", "pp2_1f1b_mb2"):
         world, tp, pp, vpp, nmb = LAYOUTS[layout]
-        for res in run_distributed(_invariance_worker, world, tp, pp, vpp, nmb, ckpt, QWEN_LIKE, ("gift",)):
-            for (algo, max_tokens), got in res.items():  # fixed gift/grpo, token-budget gift
-                want = base[algo, 0]
-                assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (layout, algo, max_tokens)
-                assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), (layout, algo, max_tokens)
+        for res in run_distributed(_invariance_worker, world, tp, pp, vpp, nmb, ckpt, QWEN_LIKE, ("gift",),
+                                   FIXED_ALGOS, ("gift",)):
+            for (algo, mode), got in res.items():  # fixed gift/grpo, token-budget and packed gift
+                want = base[algo, "fixed"]
+                assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (layout, algo, mode)
+                assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), (layout, algo, mode)
                 # 1e-4: as in test_one_step_is_invariant_to_layout (Adam's first step amplifies round-off)
                 torch.testing.assert_close(got["logp_after"], want["logp_after"], rtol=0, atol=1e-4)
 
@@ -287,9 +294,10 @@ def test_lr_warmup_then_cosine_decay():
 def test_activation_recompute_gives_the_same_step(recompute, layout, init_ckpt, baseline):
     """model.recompute (what long responses need on GPUs): the same loss, grad norm and update."""
     world, tp, pp, vpp, nmb = LAYOUTS[layout]
-    for res in run_distributed(_invariance_worker, world, tp, pp, vpp, nmb, init_ckpt, {"recompute": recompute}, ()):
+    for res in run_distributed(_invariance_worker, world, tp, pp, vpp, nmb, init_ckpt, {"recompute": recompute}, (),
+                               FIXED_ALGOS, ()):
         for algo in FIXED_ALGOS:
-            got, want = res[algo, 0], baseline[algo, 0]
+            got, want = res[algo, "fixed"], baseline[algo, "fixed"]
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), algo
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), algo
             # 1e-4: as in test_one_step_is_invariant_to_layout (Adam's first step amplifies round-off)

@@ -59,12 +59,13 @@ def one_rank(runs):
 @pytest.mark.parametrize("layout, local", [
     # TP=2, two servers synced through vLLM's weight-transfer API (gloo backend: the NCCL path's handshake)
     (["parallel=tp2", "rollout.num_servers=2", "rollout.weight_sync=gloo"], False),
-    # PP=2 and DP=2 with token-budget micro-batches (length-sorted bins that cut groups) against the one
-    # fixed-batch process: the same losses and updates
+    # PP=2 with token-budget micro-batches (length-sorted bins that cut groups), DP=2 with the same budget
+    # as packed rows, against the one fixed-batch process: the same losses and updates
     (["parallel=tp2", "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=2",
       *TOKEN_BUDGET], False),
-    (["parallel=tp2", "parallel.tensor_model_parallel_size=1", *TOKEN_BUDGET], True),  # DP=2, by launch_local
-], ids=["tp2-2servers-transfer", "pp2-files-token-budget", "dp2-files-token-budget"])
+    (["parallel=tp2", "parallel.tensor_model_parallel_size=1", *TOKEN_BUDGET, "parallel.sequence_packing=true"],
+     True),  # DP=2, by launch_local
+], ids=["tp2-2servers-transfer", "pp2-files-token-budget", "dp2-files-packed"])
 def test_two_ranks_train_like_one(runs, one_rank, layout, local):
     """Two trainer processes (gloo) + vLLM servers: rank 0 generates and broadcasts, every rank trains
     its shard, weights are gathered and synced (bucket files, or the weight-transfer API). Same seeds

@@ -61,3 +61,23 @@ def split_bins(bins: list[list[int]], count: int) -> list[list[int]]:
         half = len(bins[i]) // 2
         bins[i: i + 1] = [bins[i][:half], bins[i][half:]]
     return bins
+
+
+def packed_rows(lengths: list[int], max_tokens: int, pad_multiple: int = 1) -> list[list[int]]:
+    """Sequence packing: sample indices in rows of at most `max_tokens` tokens (their lengths summed,
+    the row rounded up to `pad_multiple`), first-fit decreasing; each row's samples longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    totals: list[int] = []
+    for i in order:
+        if round_up(lengths[i], pad_multiple) > max_tokens:
+            raise ValueError(f"a sequence of {lengths[i]} tokens exceeds parallel.max_tokens_per_micro_batch="
+                             f"{max_tokens}: raise it to at least data.max_prompt_length + rollout.max_new_tokens")
+        fits = [r for r, total in enumerate(totals) if round_up(total + lengths[i], pad_multiple) <= max_tokens]
+        if fits:
+            rows[fits[0]].append(i)
+            totals[fits[0]] += lengths[i]
+        else:
+            rows.append([i])
+            totals.append(lengths[i])
+    return rows

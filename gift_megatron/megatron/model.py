@@ -21,7 +21,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 
-from gift_megatron.config import ModelConfig, ParallelConfig
+from gift_megatron.config import PACKING_NEEDS_LOCAL, ModelConfig, ParallelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -132,6 +132,8 @@ def build_gpt_models(
 ) -> list[GPTModel]:
     """This rank's GPTModel chunks (one per virtual pipeline stage), after initialize_model_parallel."""
     use_te = use_transformer_engine(model, te_present)
+    if use_te and parallel.sequence_packing:  # transformer_impl=auto chose TE here
+        raise ValueError(PACKING_NEEDS_LOCAL)
     config = transformer_config(model, parallel, use_te=use_te, on_gpu=on_gpu)
     spec = layer_spec(model, use_te)
     vpp = parallel.virtual_pipeline_model_parallel_size

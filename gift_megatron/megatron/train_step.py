@@ -30,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from gift_megatron.algo import LossBatch, LossNorm, global_norm, vocab_parallel_entropy, vocab_parallel_logprobs
-from gift_megatron.algo.layout import round_up, split_bins, token_budget_bins
+from gift_megatron.algo.layout import packed_rows, round_up, split_bins, token_budget_bins
 from gift_megatron.algo.losses import WholeGroups
 from gift_megatron.rollout.batch import RolloutBatch
 
@@ -48,17 +48,53 @@ class MicroBatching:
     size: int
     max_tokens: int = 0
     pad_multiple: int = 1
+    pack: bool = False  # with max_tokens: several sequences per row (see PackedRow)
+
+
+@dataclass
+class PackedRow:
+    """A micro-batch's sequences concatenated in one row (sequence packing, the local attention spec):
+    attention is causal within each sequence only (a block-diagonal mask), so each sequence's logits
+    are its own; RoPE sees positions offset by the sequences before it, which leaves attention (a
+    function of relative positions) unchanged. `index_BT` picks, for each sample and position, the row
+    position whose logits predict that token (positions past a sample's end repeat its first)."""
+
+    tokens_1R: torch.Tensor
+    segment_R: torch.Tensor  # which sample each row position belongs to (-1: padding at the end)
+    index_BT: torch.Tensor
+
+    @classmethod
+    def of(cls, mb: RolloutBatch, lengths: list[int], row_length: int) -> PackedRow:
+        tokens = torch.zeros(1, row_length, dtype=mb.tokens_BS.dtype)
+        segment = torch.full((row_length,), -1)
+        index = torch.zeros(len(lengths), mb.tokens_BS.shape[1] - 1, dtype=torch.long)
+        start = 0
+        for i, n in enumerate(lengths):
+            tokens[0, start: start + n] = mb.tokens_BS[i, :n]
+            segment[start: start + n] = i
+            index[i] = start + torch.arange(index.shape[1]).clamp(max=n - 2)
+            start += n
+        device = mb.tokens_BS.device
+        return cls(tokens.to(device), segment.to(device), index.to(device))
+
+    def attention_mask(self) -> torch.Tensor:
+        """True where attention is masked: across sequences, and the future."""
+        R = self.segment_R.shape[0]
+        other = self.segment_R[:, None] != self.segment_R[None, :]
+        return (other | _causal_mask(R, self.segment_R.device)[0, 0])[None, None]
 
 
 @dataclass
 class MicroBatches:
-    """A batch cut into micro-batches: `rows[i]` are the batch rows of `parts[i]`; `computed` the
-    positions the passes run over (samples x padded length), `needed` those the sequences fill."""
+    """A batch cut into micro-batches: `rows[i]` are the batch rows of `parts[i]` (with `packed[i]` when
+    its sequences share one row); `computed` the positions the passes run over (padding included),
+    `needed` those the sequences fill."""
 
     parts: list[RolloutBatch]
     rows: list[torch.Tensor]
     computed: int
     needed: int
+    packed: list[PackedRow | None]
 
 
 def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
@@ -68,9 +104,10 @@ def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
         assert B % batching.size == 0 and batching.size % batch.samples_per_prompt == 0, (B, batching.size)
         rows = [torch.arange(i, i + batching.size) for i in range(0, B, batching.size)]
         return MicroBatches([batch.select(slice(i, i + batching.size)) for i in range(0, B, batching.size)], rows,
-                            B * S, needed)
+                            B * S, needed, [None] * len(rows))
     lengths = batch.sequence_lengths().tolist()
-    bins = token_budget_bins(lengths, batching.max_tokens, batching.pad_multiple)
+    cut = packed_rows if batching.pack else token_budget_bins
+    bins = cut(lengths, batching.max_tokens, batching.pad_multiple)
     count = torch.tensor([len(bins)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_virtual_pipeline_model_parallel_world_size():  # the interleaved schedule's rule
@@ -81,9 +118,15 @@ def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
     bins = split_bins(bins, int(count))
     indexed = replace(batch, prompt_index_B=batch.group_index_B)  # rows leave prompt-major order
     rows = [torch.tensor(b) for b in bins]
-    sizes = [round_up(lengths[b[0]], batching.pad_multiple) for b in bins]  # each bin's first is its longest
-    return MicroBatches([indexed.select(r).resize(n) for r, n in zip(rows, sizes)], rows,
-                        sum(len(b) * n for b, n in zip(bins, sizes)), needed)
+    longest = [lengths[b[0]] for b in bins]  # each bin's first is its longest
+    parts = [indexed.select(r).resize(n) for r, n in zip(rows, longest)]
+    if not batching.pack:
+        sizes = [round_up(n, batching.pad_multiple) for n in longest]
+        return MicroBatches([p.resize(n) for p, n in zip(parts, sizes)], rows,
+                            sum(len(b) * n for b, n in zip(bins, sizes)), needed, [None] * len(bins))
+    sizes = [round_up(sum(lengths[i] for i in b), batching.pad_multiple) for b in bins]
+    packed = [PackedRow.of(p, [lengths[i] for i in b], n) for p, b, n in zip(parts, bins, sizes)]
+    return MicroBatches(parts, rows, sum(sizes), needed, packed)
 
 
 @dataclass
@@ -100,12 +143,15 @@ class StepContext:
     groups: WholeGroups | None = None  # whole-group statistics, when micro-batches cut groups
 
 
-def _loss_func(mb: RolloutBatch, ctx: StepContext, logits_BSV: torch.Tensor):
+def _loss_func(mb: RolloutBatch, row: PackedRow | None, ctx: StepContext, logits_BSV: torch.Tensor):
     """Last pipeline stage: vocab-sharded logits -> log-probs -> the algorithm's loss (GIFT:
-    algo/losses.py gift_loss). Metrics stay tensors; `_reduce_metrics` reduces them after the schedule."""
-    target_BT = mb.tokens_BS[:, 1:]
+    algo/losses.py gift_loss). Metrics stay tensors; `_reduce_metrics` reduces them after the schedule.
+    A packed row's log-probs (and entropies) are taken over the row, then picked per sample."""
     logits_BTV = logits_BSV[:, :-1]
-    logp_BT = vocab_parallel_logprobs(logits_BTV, target_BT, ctx.tp_group, ctx.temperature, ctx.vocab_size)
+    target_BT = (row.tokens_1R if row is not None else mb.tokens_BS)[:, 1:]
+    per_sample = (lambda x: x[0, row.index_BT]) if row is not None else (lambda x: x)  # noqa: E731
+    logp_BT = per_sample(vocab_parallel_logprobs(logits_BTV, target_BT, ctx.tp_group, ctx.temperature,
+                                                 ctx.vocab_size))
     zero = torch.zeros((), dtype=torch.int)
     if ctx.loss_fn is None:
         return logp_BT.sum() * 0.0, zero, {"logp": logp_BT.detach()}
@@ -117,34 +163,38 @@ def _loss_func(mb: RolloutBatch, ctx: StepContext, logits_BSV: torch.Tensor):
     loss, metrics = ctx.loss_fn(batch, ctx.norm, dp_group=ctx.dp_group)
     with torch.no_grad():
         if ctx.entropy:
-            entropy_BT = vocab_parallel_entropy(logits_BTV.detach(), ctx.tp_group, ctx.temperature, ctx.vocab_size)
+            entropy_BT = per_sample(vocab_parallel_entropy(logits_BTV.detach(), ctx.tp_group, ctx.temperature,
+                                                           ctx.vocab_size))
             metrics["entropy"] = (entropy_BT * batch.mask_BT).sum() / batch.mask_BT.sum().clamp(min=1)
         metrics["loss"] = loss.detach()  # this micro-batch's share: summed, not averaged, below
     return loss, zero, metrics
 
 
 def _forward_step(ctx: StepContext, data_iterator, model):
-    mb: RolloutBatch = next(data_iterator)
-    S = mb.tokens_BS.shape[1]
-    position_ids = torch.arange(S, device=mb.tokens_BS.device)[None].expand(mb.tokens_BS.shape[0], -1)
-    output = model(mb.tokens_BS, position_ids, _causal_mask(S, mb.tokens_BS.device))
-    return output, partial(_loss_func, mb, ctx)
+    mb, row = next(data_iterator)
+    tokens = row.tokens_1R if row is not None else mb.tokens_BS
+    B, S = tokens.shape
+    position_ids = torch.arange(S, device=tokens.device)[None].expand(B, -1)
+    mask = row.attention_mask() if row is not None else _causal_mask(S, tokens.device)
+    output = model(tokens, position_ids, mask)
+    return output, partial(_loss_func, mb, row, ctx)
 
 
-def run_schedule(chunks, mbs: list[RolloutBatch], ctx: StepContext, forward_only: bool) -> list[dict]:
+def run_schedule(chunks, mbs: MicroBatches, ctx: StepContext, forward_only: bool) -> list[dict]:
     """megatron-core's schedule over `mbs`; returns the loss function's dicts (last stage only)."""
-    if (len({mb.tokens_BS.shape for mb in mbs}) > 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1
+    inputs = [row.tokens_1R if row is not None else mb.tokens_BS for mb, row in zip(mbs.parts, mbs.packed)]
+    if (len({t.shape for t in inputs}) > 1 and parallel_state.get_pipeline_model_parallel_world_size() > 1
             and not get_model_config(chunks[0]).variable_seq_lengths):
         raise RuntimeError("micro-batches of different shapes under pipeline parallelism need the model built with "
                            "variable_seq_lengths (parallel.max_tokens_per_micro_batch > 0 sets it)")
-    iterators = [iter(mbs) for _ in chunks]
+    iterators = [iter(list(zip(mbs.parts, mbs.packed))) for _ in chunks]
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, ctx),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(mbs),
-        seq_length=mbs[0].tokens_BS.shape[1],
-        micro_batch_size=mbs[0].tokens_BS.shape[0],
+        num_microbatches=len(inputs),
+        seq_length=inputs[0].shape[1],
+        micro_batch_size=inputs[0].shape[0],
         forward_only=forward_only,
     )
 
@@ -167,7 +217,7 @@ def compute_logprobs(chunks, batch: RolloutBatch, batching: MicroBatching | int,
     for chunk in chunks:
         chunk.eval()
     mbs = micro_batches(batch, _batching(batching))
-    outs = run_schedule(chunks, mbs.parts, _context(None, None, temperature, vocab_size), forward_only=True)
+    outs = run_schedule(chunks, mbs, _context(None, None, temperature, vocab_size), forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     B, S = batch.tokens_BS.shape
@@ -238,7 +288,7 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
         chunk.train()
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    outs = run_schedule(policy.chunks, mbs.parts, _context(loss_fn, norm, temperature, vocab_size, entropy, groups),
+    outs = run_schedule(policy.chunks, mbs, _context(loss_fn, norm, temperature, vocab_size, entropy, groups),
                         forward_only=False)
     lr = policy.optimizer.param_groups[0]["lr"]  # the rate this step uses
     nonfinite = _nonfinite_anywhere(policy.chunks, outs)
