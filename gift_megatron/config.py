@@ -136,8 +136,9 @@ class ParallelConfig:
     token-budget micro-batches: each rank's samples sorted by length and packed into micro-batches of
     at most this many padded tokens, each padded only to its own longest sequence (verl's
     ppo_max_token_len_per_gpu). Losses, gradients and updates equal the fixed ones; GIFT then takes its
-    group statistics over the mini-batch first (one forward pass more per mini-batch, except the
-    first, which reuses the policy's log-probs of the step). At least max_prompt_length + max_new_tokens."""
+    group statistics over the mini-batch first: the first mini-batch from the step's policy log-probs
+    (computed anyway on verified steps, every step by default), each later one by a forward pass.
+    At least max_prompt_length + max_new_tokens."""
     sequence_packing: bool = False
     """With max_tokens_per_micro_batch: several sequences per row (up to that many tokens), attention
     kept within each by a block-diagonal causal mask: no padding but at the row's end. The local
