@@ -210,13 +210,13 @@ def _batching(batching: MicroBatching | int) -> MicroBatching:
 
 
 @torch.no_grad()
-def compute_logprobs(chunks, batch: RolloutBatch, batching: MicroBatching | int, temperature: float,
+def compute_logprobs(chunks, batch: RolloutBatch, micro_batch_size: MicroBatching | int, temperature: float,
                      vocab_size: int) -> torch.Tensor | None:
     """Forward-only log-probs of tokens_BS[:, 1:] (B x T, zero past each micro-batch's length) on the
-    last pipeline stage; None elsewhere. `batching`: a MicroBatching, or a fixed micro-batch size."""
+    last pipeline stage; None elsewhere. `micro_batch_size`: a MicroBatching, or a fixed size."""
     for chunk in chunks:
         chunk.eval()
-    mbs = micro_batches(batch, _batching(batching))
+    mbs = micro_batches(batch, _batching(micro_batch_size))
     outs = run_schedule(chunks, mbs, _context(None, None, temperature, vocab_size), forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
