@@ -57,7 +57,7 @@ class PackedRow:
     attention is causal within each sequence only (a block-diagonal mask), so each sequence's logits
     are its own; RoPE sees positions offset by the sequences before it, which leaves attention (a
     function of relative positions) unchanged. `index_BT` picks, for each sample and position, the row
-    position whose logits predict that token (positions past a sample's end repeat its first)."""
+    position whose logits predict that token (positions past a sample's end repeat its last)."""
 
     tokens_1R: torch.Tensor
     segment_R: torch.Tensor  # which sample each row position belongs to (-1: padding at the end)
