@@ -99,6 +99,11 @@ def group_zscore(
     With `detach_stats` the mean and std are constants for autograd (gradient only through x).
     """
     stats = group_stats(x_B.detach() if detach_stats else x_B, group_index_B, num_groups, process_group)
+    return zscore_with(x_B, stats, group_index_B, eps=eps, std_floor=std_floor), stats
+
+
+def zscore_with(x_B: torch.Tensor, stats: GroupStats, group_index_B: torch.Tensor, *, eps: float,
+                std_floor: float = 0.0) -> torch.Tensor:
+    """(x - mean_g) / (max(std_g, std_floor) + eps) with given group statistics; float64."""
     denom_P = stats.std_P.clamp(min=std_floor) + eps
-    z_B = (x_B.to(torch.float64) - stats.mean_P[group_index_B]) / denom_P[group_index_B]
-    return z_B, stats
+    return (x_B.to(torch.float64) - stats.mean_P[group_index_B]) / denom_P[group_index_B]

@@ -23,6 +23,13 @@ def dp_sample_indices(num_prompts: int, group_size: int, dp_rank: int, dp_size: 
 
 
 
+def sequence_lengths(mask_BS: torch.Tensor) -> torch.Tensor:
+    """Positions each row needs: through its last masked (response/answer) token; 2 at least (one
+    predicted position)."""
+    positions = torch.arange(1, mask_BS.shape[1] + 1, device=mask_BS.device)
+    return (mask_BS * positions).amax(-1).long().clamp(min=2)
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

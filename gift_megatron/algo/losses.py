@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gift_megatron.algo.grouping import GroupStats, all_reduce_sum, group_stats, group_sum, group_zscore
+from gift_megatron.algo.grouping import GroupStats, all_reduce_sum, group_stats, group_sum, group_zscore, zscore_with
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -140,8 +140,7 @@ def gift_loss(
         r_stats = group_stats(batch.rewards_B, index_B, batch.num_groups, dp_group)
     else:  # taken over the whole mini-batch beforehand (see WholeGroups)
         s_stats, r_stats = whole.implicit, whole.rewards
-        z_B = (s_B.to(torch.float64) - s_stats.mean_P[index_B]) / (s_stats.std_P.clamp(min=implicit_std_floor)
-                                                                    + eps)[index_B]
+        z_B = zscore_with(s_B, s_stats, index_B, eps=eps, std_floor=implicit_std_floor)
     z_B = z_scale * z_B
     # Sample mean over the whole mini-batch: divide by the global sample count.
     sq_err_B = (batch.advantages_B.to(torch.float64) - z_B).square()
@@ -200,7 +199,7 @@ def gift_group_statistics(
     if not detach_stats:
         # L = sum_i w_i (A_i - z_i)^2 / N, z_i = k (s_i - mean) / D, D = max(std, floor) + eps.
         D_P = s.std_P.clamp(min=implicit_std_floor) + eps
-        z_B = z_scale * (s_B - s.mean_P[index_B]) / D_P[index_B]
+        z_B = z_scale * zscore_with(s_B, s, index_B, eps=eps, std_floor=implicit_std_floor)
         w_B = (r.std_P[index_B] > 0).double() if skip_uninformative_groups else torch.ones_like(s_B)
         e_B = 2 * w_B * (batch.advantages_B.to(torch.float64) - z_B) / norm.num_samples
         dL_dmean_P = group_sum(e_B, index_B, P, dp_group) * z_scale / D_P  # dz_i/dmean = -k / D

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from gift_megatron.algo import LossBatch, LossNorm, sft_loss, vocab_parallel_logprobs
-from gift_megatron.algo.layout import token_budget_bins
+from gift_megatron.algo.layout import sequence_lengths, token_budget_bins
 from gift_megatron.config import Config, ParallelConfig
 from gift_megatron.launch import free_port
 from gift_megatron.megatron.checkpoint import save_model_weights
@@ -62,8 +62,7 @@ def _bins(mask_BS: torch.Tensor, max_tokens: int) -> list[tuple[torch.Tensor, in
     """(rows, length) of each micro-batch: all rows at full length, or token-budget bins (as training)."""
     if not max_tokens:
         return [(torch.arange(mask_BS.shape[0]), mask_BS.shape[1])]
-    positions = torch.arange(1, mask_BS.shape[1] + 1)
-    lengths = (mask_BS * positions).amax(-1).long().clamp(min=2).tolist()
+    lengths = sequence_lengths(mask_BS).tolist()
     return [(torch.tensor(b), lengths[b[0]]) for b in token_budget_bins(lengths, max_tokens)]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from gift_megatron.algo.layout import sequence_lengths
 from gift_megatron.rollout.engine import Completion
 
 
@@ -47,8 +48,7 @@ class RolloutBatch:
 
     def sequence_lengths(self) -> torch.Tensor:
         """Positions each row needs: through its last response token (2 at least: one predicted position)."""
-        positions = torch.arange(1, self.tokens_BS.shape[1] + 1, device=self.tokens_BS.device)
-        return (self.response_mask_BS * positions).amax(-1).long().clamp(min=2)
+        return sequence_lengths(self.response_mask_BS)
 
     @property
     def mask_BT(self) -> torch.Tensor:
