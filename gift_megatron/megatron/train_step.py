@@ -99,13 +99,13 @@ class MicroBatches:
 
 def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
     B, S = batch.tokens_BS.shape
-    needed = int(batch.sequence_lengths().sum())
+    lengths = batch.sequence_lengths().tolist()
+    needed = sum(lengths)
     if not batching.max_tokens:
         assert B % batching.size == 0 and batching.size % batch.samples_per_prompt == 0, (B, batching.size)
         rows = [torch.arange(i, i + batching.size) for i in range(0, B, batching.size)]
         return MicroBatches([batch.select(slice(i, i + batching.size)) for i in range(0, B, batching.size)], rows,
                             B * S, needed, [None] * len(rows))
-    lengths = batch.sequence_lengths().tolist()
     cut = packed_rows if batching.pack else token_budget_bins
     bins = cut(lengths, batching.max_tokens, batching.pad_multiple)
     count = torch.tensor([len(bins)])
@@ -121,8 +121,8 @@ def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
     longest = [lengths[b[0]] for b in bins]  # each bin's first is its longest
     parts = [indexed.select(r).resize(n) for r, n in zip(rows, longest)]
     if not batching.pack:
-        sizes = [round_up(n, batching.pad_multiple) for n in longest]
-        return MicroBatches([p.resize(n) for p, n in zip(parts, sizes)], rows,
+        sizes = [round_up(n, batching.pad_multiple) for n in longest]  # zero-padded past the longest
+        return MicroBatches([p.resize(n) if n != p.tokens_BS.shape[1] else p for p, n in zip(parts, sizes)], rows,
                             sum(len(b) * n for b, n in zip(bins, sizes)), needed, [None] * len(bins))
     sizes = [round_up(sum(lengths[i] for i in b), batching.pad_multiple) for b in bins]
     packed = [PackedRow.of(p, [lengths[i] for i in b], n) for p, b, n in zip(parts, bins, sizes)]
