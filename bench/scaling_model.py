@@ -1,13 +1,22 @@
-"""Step-time model of a synchronous GIFT step at cluster scale (docs/scaling.md), from the model
-preset and the layout: a model, not a measurement. Every assumed hardware rate is a flag.
+"""Step-time model of a GIFT step at cluster scale (docs/scaling.md), from the model preset and the
+layout: a model, not a measurement. Every assumed hardware rate is a flag.
 
-Per step: generation on the rollout GPUs (decode is bound by HBM bandwidth: each iteration reads the
-server's weights and the KV cache of every running sequence), then the trainer's passes on the
-trainer GPUs (reference + rollout-policy log-probs forward, policy forward + backward: 10 N T FLOPs
-plus attention), then the weight sync. Throughput is reported as NeMo-RL reports it: tokens of the
-step's samples (prompt + response) / step time / all GPUs of the job.
+Synchronous step (rollout.max_staleness=0): generation on the rollout GPUs (decode is bound by HBM
+bandwidth: each iteration reads the server's weights and the KV cache of every running sequence),
+then the trainer's passes on the trainer GPUs (reference + rollout-policy log-probs forward, policy
+forward + backward: 10 N T FLOPs plus attention), then the weight sync.
 
-Run: python bench/scaling_model.py [--mfu 0.4 --hbm-efficiency 0.6 --sync-gbps 20]
+Overlapped step (rollout.max_staleness=1): batch n+1 is generated with the engine's weights while
+batch n trains; the sync lands between generation rounds, so the generator waits for it and the step
+is max(generate, trainer passes) + sync. GIFT (reference baseline) runs the rollout-policy pass only on
+the steps it verifies (every --verify-every): there the trainer waits for the batch generated with its
+current weights and runs one extra forward on it before its update, so the mean step adds 1/N of a
+forward. GRPO-style losses need the rollout-policy pass (proximal policy) on every step.
+
+Throughput is reported as NeMo-RL reports it: tokens of the step's samples (prompt + response) / step
+time / all GPUs of the job.
+
+Run: python bench/scaling_model.py [--mfu 0.4 --hbm-efficiency 0.6 --sync-gbps 20 --verify-every 10]
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ def model_shape(preset: str) -> dict:
     layer = h * q * d + 2 * h * kv * d + q * d * h + 3 * h * f  # QKV, output projection, gated MLP
     embed = m.vocab_size * h
     params = L * layer + embed * (2 if m.untie_embeddings_and_output_weights else 1)
-    return {"params": params, "matmul_params": L * layer + embed, "layers": L, "q_dim": q * d,
+    return {"params": params, "matmul_params": L * layer + embed, "embed": embed, "layers": L, "q_dim": q * d,
             "kv_bytes_per_token": 2 * L * kv * d * 2}  # K and V, bf16
 
 
@@ -59,8 +68,8 @@ def step_time(shape: dict, work: Workload, gpu: Gpu, train_gpus: int, servers: i
     ctx = work.prompt_tokens + work.response_tokens
     attn_fwd_per_token = 4 * shape["layers"] * shape["q_dim"] * ctx / 2  # QK^T and AV, causal
     fwd_per_token = 2 * shape["matmul_params"] + attn_fwd_per_token
-    train_flops = T * (3 * fwd_per_token + 2 * fwd_per_token)  # fwd+bwd, reference and rollout-policy fwd
-    t_train = train_flops / (train_gpus * gpu.bf16_tflops * 1e12 * mfu)
+    t_fwd = T * fwd_per_token / (train_gpus * gpu.bf16_tflops * 1e12 * mfu)  # one forward pass over the batch
+    t_train = 5 * t_fwd  # fwd+bwd (3), reference and rollout-policy fwd (1 each)
 
     weights_per_gpu = shape["params"] * 2 / server_tp
     kv_space = server_tp * (0.9 * gpu.memory_gb * 1e9 - weights_per_gpu - 4e9)  # 4 GB workspace per GPU
@@ -76,7 +85,29 @@ def step_time(shape: dict, work: Workload, gpu: Gpu, train_gpus: int, servers: i
     step = t_gen + t_train + t_sync
     gpus = train_gpus + servers * server_tp
     return {"tokens": T, "running": running, "server_tok_s": server_tok_s, "gen_s": t_gen, "train_s": t_train,
-            "sync_s": t_sync, "step_s": step, "tok_s_gpu": T / step / gpus, "gpus": gpus}
+            "fwd_s": t_fwd, "sync_s": t_sync, "step_s": step, "tok_s_gpu": T / step / gpus, "gpus": gpus}
+
+
+def overlapped_step(r: dict, verify_every: int, rollout_policy_every_step: bool) -> dict:
+    """Mean step at rollout.max_staleness=1 in steady state (the first step, generated before any training,
+    is left out). Passes before the update: reference fwd + policy fwd/bwd (4 forwards), plus the
+    rollout-policy fwd for GRPO-style losses. A verified step (every verify_every; 0: never) waits for the
+    batch generated with the trainer's current weights and runs one more forward on it; the optimizer
+    update is inside the MFU, not a separate term."""
+    passes = r["fwd_s"] * (5 if rollout_policy_every_step else 4)
+    verify = r["fwd_s"] / verify_every if verify_every else 0.0
+    step = max(r["gen_s"], passes) + verify + r["sync_s"]
+    return {"passes_s": passes, "verify_s": verify, "step_s": step, "tok_s_gpu": r["tokens"] / step / r["gpus"]}
+
+
+def trainer_gb(shape: dict, tp: int, pp: int, dp: int) -> float:
+    """Fullest trainer stage per GPU as in docs/sizing_32b.md: bf16 weights, FP8 copies, fp32 grads, frozen
+    reference (2 + 1 + 4 + 2 B per parameter), distributed optimizer 12 B / DP, plus that page's activations
+    (model.recompute=full) and last-stage logits at 73.7 k-token micro-batches and TP = 8: 7.6 + 11.2 GB."""
+    layers = shape["matmul_params"] - shape["embed"]
+    embeds = shape["params"] - layers  # embedding and output layer; one stage holds both when PP = 1
+    per_gpu = (layers / pp + (embeds if pp == 1 else shape["embed"])) / tp
+    return (per_gpu * (2 + 1 + 4 + 2 + 12 / dp) + 18.8e9) / 1e9
 
 
 def main() -> None:
@@ -86,6 +117,9 @@ def main() -> None:
     ap.add_argument("--hbm-efficiency", type=float, default=0.6, help="fraction of HBM bandwidth decode reaches")
     ap.add_argument("--sync-gbps", type=float, default=20.0, help="effective GB/s of the NCCL weight broadcast")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="vLLM's running-sequence cap per server")
+    ap.add_argument("--verify-every", type=int, default=10, help="rollout.verify_every at k=1 (0: never)")
+    ap.add_argument("--nemo-rl-tok-s-gpu", type=float, default=540.0, help="NeMo-RL's best published 32B row")
+    ap.add_argument("--target-ratio", type=float, default=1.3, help="goal, as a multiple of that row")
     a = ap.parse_args()
     shape = model_shape(a.preset)
     print(f"{a.preset}: {shape['params'] / 1e9:.2f} B parameters, KV {shape['kv_bytes_per_token'] / 1e3:.0f} kB "
@@ -105,6 +139,51 @@ def main() -> None:
             print(f"{w.name} | {gpu.name} | {r['gpus']} (32 + 16) | {r['running']} | {r['server_tok_s']:.0f} | "
                   f"{r['gen_s']:.0f} | {r['train_s']:.0f} | {r['sync_s']:.1f} | {r['step_s']:.0f} | "
                   f"{r['tok_s_gpu']:.0f}")
+    print_overlapped(shape, workloads, a)
+
+
+# Trainer layouts of the 6-node job: TP8 x PP x DP with PP dividing the 64 layers and DP dividing G = 16, so
+# 24 and 40 trainer GPUs have none; 8 (TP8 PP1 DP1) needs ~105 GB per GPU (trainer_gb) and quarters the
+# trainer. The remaining GPUs serve as TP = 4 vLLM servers.
+SPLITS = [(32, 2, 2), (16, 2, 1)]  # (trainer GPUs, PP, DP)
+
+
+def print_overlapped(shape: dict, workloads: list[Workload], a: argparse.Namespace) -> None:
+    print(f"\nrollout.max_staleness=1, GIFT with rollout.verify_every={a.verify_every}; GRPO-style: rollout-policy "
+          f"pass every step. x sync: against the synchronous step of the same layout.")
+    print("workload | GPU | trainer layout + rollout | trainer GB/GPU | generate s | trainer passes s | "
+          "verify s/step | sync s | step s | tokens/s/GPU | x sync | GRPO-style step s | GRPO-style tokens/s/GPU")
+    for gpu in (H100, H200):
+        for w in workloads:
+            for train_gpus, pp, dp in SPLITS:
+                servers = (48 - train_gpus) // 4
+                r = step_time(shape, w, gpu, train_gpus=train_gpus, servers=servers, server_tp=4, mfu=a.mfu,
+                              hbm_eff=a.hbm_efficiency, sync_gbps=a.sync_gbps, max_num_seqs=a.max_num_seqs)
+                o = overlapped_step(r, a.verify_every, rollout_policy_every_step=False)
+                g = overlapped_step(r, a.verify_every, rollout_policy_every_step=True)
+                mem = trainer_gb(shape, 8, pp, dp)
+                fits = "fits" if mem < 0.9 * gpu.memory_gb else "does not fit"
+                print(f"{w.name} | {gpu.name} | TP8 PP{pp} DP{dp} ({train_gpus}) + {servers} x TP4 | {mem:.0f} "
+                      f"({fits}) | {r['gen_s']:.0f} | {o['passes_s']:.0f} | {o['verify_s']:.1f} | "
+                      f"{r['sync_s']:.1f} | {o['step_s']:.0f} | {o['tok_s_gpu']:.0f} | "
+                      f"{r['step_s'] / o['step_s']:.2f} | {g['step_s']:.0f} | {g['tok_s_gpu']:.0f}")
+    nemo = workloads[0]
+    target = a.target_ratio * a.nemo_rl_tok_s_gpu
+    print(f"\n{nemo.name}, TP8 PP2 DP2 (32) + 4 x TP4: generation may take this many times the model's "
+          f"(lower-bound) time before GIFT at k=1 falls below {a.target_ratio} x {a.nemo_rl_tok_s_gpu:.0f} = "
+          f"{target:.0f} tokens/s/GPU")
+    for gpu in (H100, H200):
+        r = step_time(shape, nemo, gpu, train_gpus=32, servers=4, server_tp=4, mfu=a.mfu, hbm_eff=a.hbm_efficiency,
+                      sync_gbps=a.sync_gbps, max_num_seqs=a.max_num_seqs)
+        o = overlapped_step(r, a.verify_every, rollout_policy_every_step=False)
+        max_step = r["tokens"] / target / r["gpus"]
+        if o["passes_s"] + o["verify_s"] + r["sync_s"] > max_step:
+            print(f"{gpu.name}: the trainer's side alone ({o['passes_s']:.0f} s) exceeds the {max_step:.0f} s step")
+            continue
+        print(f"{gpu.name}: step may reach {max_step:.0f} s; generation may reach "
+              f"{max_step - o['verify_s'] - r['sync_s']:.0f} s = "
+              f"{(max_step - o['verify_s'] - r['sync_s']) / r['gen_s']:.2f} x the modelled {r['gen_s']:.0f} s "
+              f"(trainer passes {o['passes_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from gift_megatron.megatron.parallel import init_distributed, init_model_paralle
 from gift_megatron.megatron.policy import build_policy, build_reference, copy_weights, move_chunks
 from gift_megatron.megatron.warmup import initial_weights
 from gift_megatron.megatron.weight_sync import gather_hf_weights
+from gift_megatron.rollout.ahead import RolloutsAhead
 from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.rewards import GroupScorer, build_reward
 from gift_megatron.rollout.stage import RolloutStage
@@ -60,15 +61,19 @@ def build(cfg: Config) -> Trainer:
                            with_weights=not cfg.rollout.server_urls) if rank0 else None
     num_train = torch.tensor([len(task.train) if rank0 else 0])
     dist.broadcast(num_train, 0)
-    sampler = PromptSampler(int(num_train), cfg.data.seed)
+    sampler_args = int(num_train), cfg.data.seed
+    sampler = PromptSampler(*sampler_args)
     rollouts = None
     if rank0:
         engine = start_engine(cfg, run_dir / "hf_policy", task, run_dir, meta)
         scorer = GroupScorer(build_reward(cfg.reward, task=cfg.data.name, eos_id=task.eos_id, decode=task.decode),
                              cfg.reward.num_workers)
-        rollouts = RolloutStage(cfg.algo, cfg.rollout, engine, task, scorer, sampler,
+        # the stage's own sampler: with rollouts ahead it runs ahead of the trained steps' (TrainState's)
+        rollouts = RolloutStage(cfg.algo, cfg.rollout, engine, task, scorer, PromptSampler(*sampler_args),
                                 num_prompts=cfg.data.num_prompts_per_step, seed=cfg.seed)
+        if cfg.rollout.max_staleness:
+            rollouts = RolloutsAhead(rollouts, cfg.rollout.max_staleness)
     trainer = Trainer(cfg, policy, reference, rollouts, TrainState(sampler), run_dir, resume_from)
     if cfg.rollout.server_urls:  # servers started elsewhere hold other weights: sync ours in
-        trainer.sync_weights()
+        trainer.sync_weights(0)
     return trainer

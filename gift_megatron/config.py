@@ -207,6 +207,11 @@ class AlgoConfig:
     """k3 KL to the reference (0: no reference model needed)."""
     loss_agg_mode: str = "seq-mean-token-mean"
     """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (GRPO/DAPO)."""
+    tis_cap: float = 0.0
+    """GRPO/DAPO/GSPO: truncated importance sampling, the loss weighted by min(pi_old / pi_behav, tis_cap)
+    where pi_behav is the engine's (the weights that generated, older than pi_old when
+    rollout.max_staleness > 0; decoupled PPO) and pi_old the trainer's at the step's start (0: off; 2 is
+    verl's usual cap). GIFT has no ratio and takes none."""
     # DAPO
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal and generate more until the batch is full."""
@@ -236,7 +241,13 @@ class AlgoConfig:
         if self.name == "gift" and self.group_size < 2:
             raise ValueError("algo.group_size must be >= 2 for GIFT: z-scores need at least two samples per prompt")
         _non_negative("algo", clip_ratio_low=self.clip_ratio_low, clip_ratio_high=self.clip_ratio_high,
-                      kl_coef=self.kl_coef)
+                      kl_coef=self.kl_coef, tis_cap=self.tis_cap)
+        if self.tis_cap and self.name == "gift":
+            raise ValueError(f"algo.tis_cap={self.tis_cap}: GIFT's loss has no importance ratio to correct (it is "
+                             f"defined for samples of any policy): set it to 0, or use it with grpo/dapo/gspo")
+        if 0 < self.tis_cap < 1:
+            raise ValueError(f"algo.tis_cap={self.tis_cap} would scale down even on-policy tokens (weight 1): use a "
+                             f"cap >= 1 (2 is usual) or 0 (off)")
 
     @property
     def needs_reference(self) -> bool:
@@ -292,6 +303,10 @@ class RolloutConfig:
     with correct syncs, 1.6e-2 with a stale tied head), 1e-1 for bf16/fp16 (measured 5e-3 to 3.5e-2
     on CPU kernels; README, weight sync)."""
     mismatch_patience: int = 3
+    max_staleness: int = 0
+    """k: rollouts run ahead of training on a background thread (rank 0), generated with the newest weights
+    the engine holds, at most k policy versions older than the weights that train them (0: the synchronous
+    loop). Weight syncs land between generation rounds. GRPO/DAPO/GSPO: see algo.tis_cap."""
     weight_transfer_address: str | None = None
     """nccl/gloo: the address of trainer rank 0 that server workers connect to (default: MASTER_ADDR,
     else 127.0.0.1); the port is picked free at start."""
@@ -312,6 +327,7 @@ class RolloutConfig:
         if self.max_logprob_mismatch is not None:
             _positive("rollout", max_logprob_mismatch=self.max_logprob_mismatch)
         _positive("rollout", mismatch_patience=self.mismatch_patience)
+        _non_negative("rollout", max_staleness=self.max_staleness)
         if self.verify_every < 0:
             raise ValueError(f"rollout.verify_every={self.verify_every}: use N >= 1 (every N steps) or 0 (never)")
         if self.top_p > 1:

@@ -38,12 +38,14 @@ from gift_megatron.megatron.sharding import broadcast_rollout, dp_shard, logprob
 from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.metrics_log import MetricsLog
+from gift_megatron.rollout.ahead import RolloutsAhead, load_pending, save_pending
 from gift_megatron.rollout.batch import RolloutBatch
 from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.stage import Rollout, RolloutStage
 from gift_megatron.rollout.verify import DEFAULT_MAX_MISMATCH, MismatchAlarm
 
 log = logging.getLogger(__name__)
+PENDING_FILE = "rollouts_ahead.pt"  # in a checkpoint: batches generated ahead, not yet trained (rank 0)
 
 
 class Preempted(Exception):
@@ -110,7 +112,8 @@ class PhaseTimer:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, policy: Policy, reference: list | None, rollouts: RolloutStage | None,
+    def __init__(self, cfg: Config, policy: Policy, reference: list | None,
+                 rollouts: RolloutStage | RolloutsAhead | None,
                  state: TrainState, run_dir: Path, resume_from: Path | None = None) -> None:
         self.cfg, self.policy, self.reference, self.rollouts = cfg, policy, reference, rollouts
         self.state, self.run_dir, self.resume_from = state, run_dir, resume_from
@@ -132,12 +135,16 @@ class Trainer:
         n, timer, algo = self.state.step + 1, PhaseTimer(), self.cfg.algo
         rollout = self.rollouts.next() if self.rank0 else None  # 1. scored groups with A
         metrics = dict(rollout.metrics) if rollout else {}
-        batch = self._shard(rollout)  # 2.
+        batch, version = self._shard(rollout)  # 2.
+        metrics["staleness"] = float(n - 1 - version)  # policy versions between generating and training weights
         with timer("old_logprobs"):  # 3.
-            logp, checked = self._policy_logprobs(batch, n)
+            logp, checked = self._policy_logprobs(batch, n, fresh=version == n - 1)
             metrics |= checked
         with timer("reference"):
             batch.ref_logp_BT = self._reference_logprobs(batch)
+        if self._verified(n) and version != n - 1:
+            with timer("verify"):
+                metrics |= self._verify_ahead(n)
         with timer("train"):  # 4. the loss: self.loss
             updates = train_rollout_batch(self.policy, self.loss, batch, num_mini_batches=algo.num_mini_batches,
                                           micro_batch_size=self.batching, temperature=self.cfg.rollout.temperature,
@@ -147,28 +154,35 @@ class Trainer:
         metrics |= {key: sum(u[key] for u in updates) / len(updates) for key in updates[-1]}
         metrics["tokens"] = sum(u["tokens"] for u in updates)  # sequence positions trained, all DP ranks
         metrics["trainer_tokens_per_s"] = metrics["tokens"] / sum(timer.seconds.values())
-        metrics |= self.sync_weights()  # 5.
+        metrics |= self.sync_weights(n)  # 5.
         if self.reference is not None and algo.reference_refresh_every and n % algo.reference_refresh_every == 0:
             copy_weights(self.policy.chunks, self.reference)
         self.state.step = n
         return metrics | timer.seconds
 
-    def _shard(self, rollout: Rollout | None) -> RolloutBatch:
-        """Rank 0's batch on every rank (with the sampler's position), then this DP rank's share."""
+    def _shard(self, rollout: Rollout | None) -> tuple[RolloutBatch, int]:
+        """Rank 0's batch on every rank with the sampler's position after it and the policy version that
+        generated it, then this DP rank's share."""
         sampler = self.state.sampler
-        batch, (sampler.epoch, sampler.position) = broadcast_rollout(
-            rollout.batch if rollout else None, [sampler.epoch, sampler.position], self.cfg.algo.group_size)
-        return dp_shard(batch)
+        extra = [*rollout.sampler_state, rollout.version] if rollout else [0, 0, 0]
+        batch, (sampler.epoch, sampler.position, version) = broadcast_rollout(
+            rollout.batch if rollout else None, extra, self.cfg.algo.group_size)
+        return dp_shard(batch), version
 
     def _logprobs(self, chunks, batch: RolloutBatch) -> torch.Tensor | None:
         return compute_logprobs(chunks, batch, self.batching, self.cfg.rollout.temperature, self.cfg.model.vocab_size)
 
-    def _policy_logprobs(self, batch: RolloutBatch, n: int) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """The policy's log-probs before the update: checked against the engine's on the first and every
-        rollout.verify_every-th step (the alarm stops the run before this step trains), kept as the old
-        policy's for PPO-style losses, and GIFT's whole-group statistics under token budgets."""
-        every, metrics = self.cfg.rollout.verify_every, {}
-        verify = every > 0 and (n - 1) % every == 0
+    def _verified(self, n: int) -> bool:
+        """Whether step n checks the engine against the trainer: the first and every verify_every-th."""
+        every = self.cfg.rollout.verify_every
+        return every > 0 and (n - 1) % every == 0
+
+    def _policy_logprobs(self, batch: RolloutBatch, n: int, fresh: bool) -> tuple[torch.Tensor | None, dict]:
+        """The policy's log-probs before the update: checked against the engine's on verified steps when
+        the batch was generated with these weights (`fresh`; the alarm stops the run before this step
+        trains), kept as the old (proximal) policy's for PPO-style losses, and GIFT's whole-group
+        statistics under token budgets."""
+        verify, metrics = fresh and self._verified(n), {}
         if not (verify or self.cfg.algo.needs_old_logprobs or self.group_statistics):
             return None, metrics
         logp = self._logprobs(self.policy.chunks, batch)
@@ -178,6 +192,17 @@ class Trainer:
         if self.cfg.algo.needs_old_logprobs:
             batch.old_logp_BT = logp
         return logp, metrics
+
+    def _verify_ahead(self, n: int) -> dict[str, float]:
+        """A verified step whose batch is stale: the engine is checked on a batch generated ahead with the
+        trainer's current weights (version n - 1), before this step's update moves them (waiting for
+        that batch if the generator has not finished it). Costs one forward pass over it."""
+        ahead = self.rollouts.generated_with(n - 1).batch if self.rank0 else None
+        batch, _ = broadcast_rollout(ahead, [], self.cfg.algo.group_size)
+        batch = dp_shard(batch)
+        metrics = logprob_mismatch(batch, self._logprobs(self.policy.chunks, batch))
+        self.alarm.check(n, metrics)
+        return metrics
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         """The reference's log-probs when the algorithm has one (GIFT's baseline, a KL term)."""
@@ -191,12 +216,13 @@ class Trainer:
             move_chunks(self.reference, "cpu")
         return logp
 
-    def sync_weights(self) -> dict[str, float]:
-        """Collective: gather the policy (every rank) and load it into the engine (rank 0)."""
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Collective: gather the policy after `version` steps (every rank) and load it into the engine
+        (rank 0; with rollouts ahead, between two generation rounds)."""
         weights = gather_hf_weights(self.policy.chunks, self.cfg.model)  # other ranks: sent, nothing back
         if not self.rank0:
             return {}
-        sync = self.rollouts.engine.load_weights(weights)
+        sync = self.rollouts.load_weights(weights, version)
         return {"time_sync": sync.seconds, "sync_gb_per_s": sync.gb_per_s}
 
     def _checkpointed_reference(self) -> list | None:
@@ -204,9 +230,15 @@ class Trainer:
         return self.reference if self.reference is not None and self.cfg.algo.reference_refresh_every else None
 
     def save(self) -> None:
+        """Collective. With rollouts ahead, rank 0 adds the batches generated but not yet trained."""
+        files = {}
+        if self.rank0 and isinstance(self.rollouts, RolloutsAhead):
+            pending, sampler = self.rollouts.pending()
+            files[PENDING_FILE] = lambda path: save_pending(path, pending, sampler)
         save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.policy,
                         {"sampler": self.state.sampler.state_dict(), "architecture": architecture(self.cfg.model)},
-                        keep_last=self.cfg.keep_last_checkpoints, reference=self._checkpointed_reference())
+                        keep_last=self.cfg.keep_last_checkpoints, reference=self._checkpointed_reference(),
+                        rank0_files=files)
 
     def resume(self) -> None:
         """Collective: every rank loads the checkpoint build chose (the newest intact one), if any."""
@@ -215,7 +247,13 @@ class Trainer:
         state = load_checkpoint(self.resume_from, self.policy, reference=self._checkpointed_reference(), verify=False)
         self.state.sampler.load_state_dict(state["sampler"])
         self.state.step = int(state["step"])
-        self.sync_weights()
+        if self.rank0:
+            self.rollouts.sampler.load_state_dict(state["sampler"])  # the stage's: after the batches trained
+            if isinstance(self.rollouts, RolloutsAhead):
+                saved = self.resume_from / PENDING_FILE
+                pending, sampler = load_pending(saved) if saved.exists() else ([], None)
+                self.rollouts.restore(self.state.step, pending, sampler)
+        self.sync_weights(self.state.step)
         if self.rank0:
             log.info("resumed from %s (step %d)", self.resume_from, self.state.step)
 

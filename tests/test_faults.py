@@ -25,17 +25,17 @@ RUN = STRAIGHT
 KEYS = ("reward", "loss", "grad_norm", "response_length")
 
 
-def _cmd(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "gift_megatron.train", f"run_dir={run_dir}", *RUN]
+def _cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gift_megatron.train", f"run_dir={run_dir}", *RUN, *extra]
 
 
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _start(run_dir: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(_cmd(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
+def _start(run_dir: Path, env: dict | None = None, extra: tuple = ()) -> subprocess.Popen:
+    return subprocess.Popen(_cmd(run_dir, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=env)
 
 
 def _end(proc: subprocess.Popen) -> None:
@@ -47,11 +47,11 @@ def _end(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
-def _kill_when(run_dir: Path, ready, timeout_s: float = 600.0, only_trainer: bool = False) -> None:
+def _kill_when(run_dir: Path, ready, timeout_s: float = 600.0, only_trainer: bool = False, extra: tuple = ()) -> None:
     """Start the run, poll `ready(run_dir)` every millisecond, SIGKILL the run's process group then, or
     with `only_trainer` the trainer's PID alone: everything it started must then end too (no orphans).
     For faults whose window is a whole phase (generation, a step); a short window gets a hook (_fault_at)."""
-    proc = _start(run_dir)
+    proc = _start(run_dir, extra=extra)
     deadline = time.monotonic() + timeout_s
     try:
         while not ready(run_dir):
@@ -159,6 +159,37 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, stra
         explain(proc)
     assert {f: (crashed / f).read_bytes() for f in kept} == kept
     assert sorted(Path(os.environ["GIFT_WARMUP_CACHE"]).iterdir()) == warmups
+
+
+def test_rollouts_ahead_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """rollout.max_staleness=1 (batch n generated with version n - 2 on a background thread): checkpoint 2
+    holds batch 3, generated ahead with version 1, and maybe batch 4 (version 2); the trainer's PID alone
+    killed inside step 4 (mid-round or mid-step) -> the resume takes them back instead of generating them
+    from the checkpoint's weights (version 2), and the run ends as the uninterrupted one did, bit for bit."""
+    ahead = ("rollout.max_staleness=1",)
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    proc = subprocess.run(_cmd(straight, *ahead), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, explain(proc)
+    _kill_when(crashed, lambda d: (d / "checkpoints" / "step_00000002").is_dir() and _logged(3)(d),
+               only_trainer=True, extra=ahead)
+    from gift_megatron.rollout.ahead import load_pending
+    from gift_megatron.trainer import PENDING_FILE
+
+    pending, _ = load_pending(crashed / "checkpoints" / "step_00000002" / PENDING_FILE)
+    assert [(r.metrics["rollout_step"], r.version) for r in pending][:1] == [(3, 1)], pending
+    proc = subprocess.run(_cmd(crashed, *ahead), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, explain(proc)
+    assert "step_00000002 (step 2)" in proc.stdout + proc.stderr
+    want, got = _rows(straight), _rows(crashed)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3, 4]
+    assert [r.get("staleness") for r in want] == [None, 0.0, 1.0, 1.0, 1.0]
+    for w, g in zip(want[1:], got[1:]):
+        assert {k: g[k] for k in (*KEYS, "staleness")} == {k: w[k] for k in (*KEYS, "staleness")}
+        assert g["logprob_diff_max"] < 1e-4  # verified against the weights that generated (version n - 2)
+    assert got[-1]["eval_accuracy"] == want[-1]["eval_accuracy"]
+    a = _checkpoint_tensors(straight / "checkpoints" / "step_00000004")
+    b = _checkpoint_tensors(crashed / "checkpoints" / "step_00000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_fault_hook_fires_at_its_point_and_step_only():

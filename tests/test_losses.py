@@ -1,6 +1,7 @@
 """Losses: hand-computed cases, float64 loop references (values and gradients), degenerate groups."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -262,3 +263,47 @@ def test_gift_skip_uninformative_groups_by_hand():
     assert out[True][0] == pytest.approx(informative / 4, rel=1e-6)
     assert out[True][1][2:] == [0.0, 0.0] and out[False][1][2] != 0.0
     assert out[True][1][:2] == pytest.approx(out[False][1][:2], rel=1e-6)
+
+
+def test_truncated_is_weights_the_ppo_loss_by_hand():
+    """Decoupled PPO with truncated IS: loss_t = min(pi_old / pi_behav, cap) * PPO-clip_t, the weight a
+    constant. Hand-computed: ratios pi / pi_old = 1 (no clipping), advantages (+S, -S, +S, -S), engine
+    log-probs making the weights (2, 0.5, 3 -> capped at 2, 1): loss = -(2 S - 0.5 S + 2 S - S) / 4."""
+    behav = torch.log(torch.tensor([0.5, 2.0, 1 / 3, 1.0])).view(4, 1)
+    batch, norm = _two_groups([0.0, 0.0, 0.0, 0.0])
+    batch.behav_logp_BT = behav
+    loss, metrics = ppo_clip_loss(batch, norm, tis_cap=2.0)
+    assert loss.item() == pytest.approx(-(2 * S - 0.5 * S + 2 * S - S) / 4, abs=1e-6)
+    assert metrics["tis_weight_mean"].item() == pytest.approx((2 + 0.5 + 2 + 1) / 4, abs=1e-6)
+    assert metrics["tis_frac_truncated"].item() == pytest.approx(0.25)
+    loss.backward()  # d/dlogp of -w A r at r = 1: -w A / 4 (the weight is not differentiated)
+    assert torch.allclose(batch.logp_BT.grad.view(-1), torch.tensor([-2 * S, 0.5 * S, -2 * S, S]) / 4, atol=1e-6)
+    # the weight sees pi_old, not the current policy: moving logp changes only the ratio
+    batch2, _ = _two_groups([0.1, 0.0, 0.0, 0.0])
+    batch2.behav_logp_BT = behav
+    loss2, metrics2 = ppo_clip_loss(batch2, norm, tis_cap=2.0, clip_ratio_high=0.2)
+    assert metrics2["tis_weight_mean"] == metrics["tis_weight_mean"]
+    assert loss2.item() == pytest.approx(-(2 * S * math.exp(0.1) - 0.5 * S + 2 * S - S) / 4, abs=1e-6)
+    with pytest.raises(ValueError, match="engine's log-probs"):
+        _two_batch, _ = _two_groups([0.0] * 4)
+        ppo_clip_loss(_two_batch, norm, tis_cap=2.0)
+
+
+def test_truncated_is_is_sequence_level_for_gspo_and_a_no_op_on_policy():
+    """GSPO: w_i = min(exp(mean_t log(pi_old / pi_behav)), cap) per sequence; and with the engine's
+    log-probs equal to pi_old (on-policy, k = 0) every weight is 1: the losses without IS, bit for bit."""
+    r = make_rollout(seed=11, old_noise=1e-3)
+    logp = torch.log_softmax(r.feats_BTH @ r.weight_HV, -1).gather(-1, r.target_BT[..., None]).squeeze(-1)
+    for case in ("grpo_kl", "dapo", "gspo"):
+        batch = loss_batch(r, logp)
+        plain, _ = build_loss(algo_cfg(case))(batch, full_norm(r))
+        batch.behav_logp_BT = batch.old_logp_BT.clone()
+        weighted, m = build_loss(SimpleNamespace(**{**LOSS_CASES[case], "tis_cap": 2.0}))(batch, full_norm(r))
+        assert weighted.item() == plain.item() and m["tis_weight_mean"].item() == pytest.approx(1.0), case
+    # sequence-level, by hand: two sequences of 2 tokens, ratio pi / pi_old = 1, log(pi_old / pi_behav) per
+    # token (0.2, 0.4) -> w = exp(0.3) and (1.0, 1.0) -> e, capped at 2
+    batch, norm = _two_groups([0.0] * 8, T=2)
+    batch.behav_logp_BT = -torch.tensor([[0.2, 0.4], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    loss, metrics = gspo_loss(batch, norm, tis_cap=2.0)
+    assert loss.item() == pytest.approx(-(S * math.exp(0.3) - S * 2.0 + S - S) / 4, abs=1e-6)
+    assert metrics["tis_frac_truncated"].item() == pytest.approx(0.25)

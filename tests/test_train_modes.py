@@ -96,6 +96,29 @@ def test_two_ranks_train_like_one(runs, one_rank, layout, local):
     assert out.count("] - done: {") == 1 and out.count("initial weights:") == 1, out[-3000:]
 
 
+AHEAD = ["rollout.max_staleness=1", "algo=grpo", "algo.tis_cap=2.0"]
+
+
+def test_rollouts_ahead_two_ranks_train_like_one(runs):
+    """rollout.max_staleness=1 with a server: generation of batch n + 1 overlaps step n on rank 0's
+    background thread; GRPO with truncated IS (pi_old / pi_behav from the engine's log-probs). At k = 1 a
+    batch's version does not depend on timing (rollout/ahead.py), so TP=2 equals one rank: the same
+    samples, staleness, IS weights, losses; each verified step checked against its generating weights."""
+    one = train(runs / "ahead_one", *SHORT, *AHEAD)
+    two = train(runs / "ahead_tp2", *SHORT, *AHEAD, "parallel=tp2", ranks=2)
+    steps, ref = [r for r in two if "reward" in r], [r for r in one if "reward" in r]
+    assert [r["staleness"] for r in ref] == [r["staleness"] for r in steps] == [0.0, 1.0, 1.0]
+    for got, want in zip(steps, ref):
+        assert got["reward"] == want["reward"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert got["tis_weight_mean"] == pytest.approx(want["tis_weight_mean"], rel=1e-5)
+        assert got["logprob_diff_max"] < 1e-4 and want["logprob_diff_max"] < 1e-4
+    # on-policy step 1: weight 1 up to the engine/trainer mismatch; the stale batches are reweighted
+    assert [abs(r["tis_weight_mean"] - 1) > 1e-5 for r in ref] == [False, True, True], ref
+    assert two[-1]["eval_accuracy"] == one[-1]["eval_accuracy"]
+
+
 def test_jsonl_prompts_with_composed_rewards(tmp_path):
     """data=jsonl: a GSM8K-style file and a tokenizer folder; reward = 1.0 x math_verify + 0.5 x exact
     + 0.1 x a (tiny, random) reward model, scored as groups arrive; warm-up from the file's answers."""

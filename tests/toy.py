@@ -19,11 +19,12 @@ LOSS_CASES = {
     "gift_attached": dict(name="gift", baseline="reference", length_norm_power=0.0, detach_stats=False,
                           implicit_std_floor=1e-2, z_scale=1.0, adv_eps=1e-6, skip_uninformative_groups=False),
     "grpo_kl": dict(name="grpo", clip_ratio_low=0.2, clip_ratio_high=0.2, kl_coef=0.05,
-                    loss_agg_mode="seq-mean-token-mean"),
-    "dapo": dict(name="dapo", clip_ratio_low=0.2, clip_ratio_high=0.28, kl_coef=0.0, loss_agg_mode="token-mean"),
+                    loss_agg_mode="seq-mean-token-mean", tis_cap=0.0),
+    "dapo": dict(name="dapo", clip_ratio_low=0.2, clip_ratio_high=0.28, kl_coef=0.0, loss_agg_mode="token-mean",
+                 tis_cap=0.0),
     "drgrpo": dict(name="grpo", clip_ratio_low=0.2, clip_ratio_high=0.2, kl_coef=0.0,
-                   loss_agg_mode="seq-mean-token-sum-norm"),
-    "gspo": dict(name="gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4, kl_coef=0.0),
+                   loss_agg_mode="seq-mean-token-sum-norm", tis_cap=0.0),
+    "gspo": dict(name="gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4, kl_coef=0.0, tis_cap=0.0),
 }
 
 

@@ -37,12 +37,12 @@ def build_loss(algo: Any) -> Callable[..., Any]:
     if algo.name in ("grpo", "dapo"):  # DAPO is PPO-clip with its own defaults (conf/algo/dapo.yaml)
         return partial(
             ppo_clip_loss, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
-            kl_coef=algo.kl_coef, loss_agg_mode=algo.loss_agg_mode,
+            kl_coef=algo.kl_coef, loss_agg_mode=algo.loss_agg_mode, tis_cap=algo.tis_cap,
         )
     if algo.name == "gspo":
         return partial(
             gspo_loss, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
-            kl_coef=algo.kl_coef,
+            kl_coef=algo.kl_coef, tis_cap=algo.tis_cap,
         )
     raise ValueError(f"unknown algo.name {algo.name!r}: use one of {ALGORITHMS}")
 

@@ -291,9 +291,11 @@ def _space_message(root: Path, need: int, written: int = 0) -> str:
             f"checkpoints are intact, and the unfinished write is removed at the next start")
 
 
-def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_last: int = 2, reference=None) -> Path:
+def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_last: int = 2, reference=None,
+                    rank0_files: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder. `reference`: chunks saved too
-    (a reference that changes during training, e.g. refreshed from the policy)."""
+    (a reference that changes during training, e.g. refreshed from the policy). `rank0_files`: name ->
+    fn(path) that writes it, run on rank 0 into the unpublished folder (in the manifest like the rest)."""
     root, final = Path(root), step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
     rank, world = _world()
@@ -315,6 +317,8 @@ def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_las
         if not isinstance(e, KeyboardInterrupt | SystemExit) and _no_space(e, root, need):
             raise CheckpointWriteError(_space_message(root, need, _folder_bytes(tmp))) from e
         raise
+    for name, write in (rank0_files or {}).items() if rank == 0 else ():
+        write(tmp / name)
     dist.barrier()
     saved_s = time.perf_counter() - start
     maybe_fail("kill_during_checkpoint_write", step)  # tests: shards written, no manifest, not yet published

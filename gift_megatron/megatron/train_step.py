@@ -158,7 +158,7 @@ def _loss_func(mb: RolloutBatch, row: PackedRow | None, ctx: StepContext, logits
     batch = LossBatch(
         logp_BT=logp_BT, mask_BT=mb.mask_BT.to(logp_BT.dtype), advantages_B=mb.advantages_B, rewards_B=mb.rewards_B,
         group_index_B=mb.group_index_B, num_groups=mb.num_prompts, old_logp_BT=mb.old_logp_BT,
-        ref_logp_BT=mb.ref_logp_BT, groups=ctx.groups,
+        ref_logp_BT=mb.ref_logp_BT, behav_logp_BT=mb.engine_logp_BT, groups=ctx.groups,
     )
     loss, metrics = ctx.loss_fn(batch, ctx.norm, dp_group=ctx.dp_group)
     with torch.no_grad():

@@ -4,13 +4,14 @@
 server pool), scores each group as it arrives, and returns a `RolloutBatch` with the explicit
 rewards r and the group-relative advantages A = (r - mean_g r) / (std_g r + eps)
 (algo/advantages.py `group_advantages`). The trainer only consumes batches, so a stage that runs
-ahead of training can stand in for this one. `evaluate()` runs the held-out prompts.
+ahead of training stands in for this one (rollout/ahead.py, `rollout.max_staleness` > 0).
+`evaluate()` runs the held-out prompts; `load_weights` syncs the engine to a new policy version.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +19,7 @@ from gift_megatron.algo import GroupFilter, group_advantages, overlong_penalty
 from gift_megatron.config import AlgoConfig, RolloutConfig
 from gift_megatron.rollout.batch import RolloutBatch, finished, pad_groups, response_lengths
 from gift_megatron.rollout.data import PromptSampler
-from gift_megatron.rollout.engine import Completion, Engine
+from gift_megatron.rollout.engine import Completion, Engine, SyncStats
 from gift_megatron.rollout.rewards import GroupScorer
 from gift_megatron.rollout.tasks import Sample, TaskData
 
@@ -27,6 +28,9 @@ from gift_megatron.rollout.tasks import Sample, TaskData
 class Rollout:
     batch: RolloutBatch  # P x G samples with rewards and advantages (engine log-probs included)
     metrics: dict[str, float]  # reward, lengths, generation throughput, DAPO's sampling stats
+    prompts: list[int] = field(default_factory=list)  # the task's train indices, one per group
+    sampler_state: tuple[int, int] = (0, 0)  # the prompt sampler's (epoch, position) after drawing them
+    version: int = 0  # the policy version the engine generated with: the weights after that many steps
 
 
 @dataclass
@@ -44,6 +48,13 @@ class RolloutStage:
                  sampler: PromptSampler, *, num_prompts: int, seed: int) -> None:
         self.algo, self.rollout, self.engine, self.task = algo, rollout, engine, task
         self.scorer, self.sampler, self.num_prompts, self.seed = scorer, sampler, num_prompts, seed
+        self.version = 0  # of the weights the engine holds
+
+    def load_weights(self, named_tensors, version: int) -> SyncStats:
+        """The policy after `version` steps into the engine (Engine.load_weights)."""
+        stats = self.engine.load_weights(named_tensors)
+        self.version = version
+        return stats
 
     def next(self) -> Rollout:
         """P prompts x G samples, scored, with advantages; DAPO's dynamic sampling when configured."""
@@ -69,7 +80,7 @@ class RolloutStage:
         metrics.update(reward=float(groups.rewards_B.mean()), response_length=float(lengths_B.float().mean()),
                        frac_finished=float(finished(groups.completions).float().mean()), time_generate=seconds,
                        tokens_generated=tokens, tokens_per_second=tokens / max(seconds, 1e-9))
-        return Rollout(batch, metrics)
+        return Rollout(batch, metrics, groups.idx, (self.sampler.epoch, self.sampler.position), self.version)
 
     def _generate(self) -> _Groups:
         """One round: the sampler's next P prompts, G completions each, scored as groups arrive."""
