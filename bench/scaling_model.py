@@ -10,8 +10,9 @@ Overlapped step (rollout.max_staleness=1): batch n+1 is generated with the engin
 batch n trains; the sync lands between generation rounds, so the generator waits for it and the step
 is max(generate, trainer passes) + sync. GIFT (reference baseline) runs the rollout-policy pass only on
 the steps it verifies (every --verify-every): there the trainer waits for the batch generated with its
-current weights and runs one extra forward on it before its update, so the mean step adds 1/N of a
-forward. GRPO-style losses need the rollout-policy pass (proximal policy) on every step.
+current weights and runs one extra forward on it, and its update cannot overlap generation; the mean
+step adds 1/N of that difference. GRPO-style losses need the rollout-policy pass (proximal policy) on
+every step.
 
 Throughput is reported as NeMo-RL reports it: tokens of the step's samples (prompt + response) / step
 time / all GPUs of the job.
@@ -90,14 +91,20 @@ def step_time(shape: dict, work: Workload, gpu: Gpu, train_gpus: int, servers: i
 
 def overlapped_step(r: dict, verify_every: int, rollout_policy_every_step: bool) -> dict:
     """Mean step at rollout.max_staleness=1 in steady state (the first step, generated before any training,
-    is left out). Passes before the update: reference fwd + policy fwd/bwd (4 forwards), plus the
-    rollout-policy fwd for GRPO-style losses. A verified step (every verify_every; 0: never) waits for the
-    batch generated with the trainer's current weights and runs one more forward on it; the optimizer
-    update is inside the MFU, not a separate term."""
-    passes = r["fwd_s"] * (5 if rollout_policy_every_step else 4)
-    verify = r["fwd_s"] / verify_every if verify_every else 0.0
-    step = max(r["gen_s"], passes) + verify + r["sync_s"]
-    return {"passes_s": passes, "verify_s": verify, "step_s": step, "tok_s_gpu": r["tokens"] / step / r["gpus"]}
+    is left out). Trainer passes: reference fwd, policy fwd + bwd (3 forwards), and for GRPO-style losses
+    the rollout-policy fwd (counted with the reference, i.e. with a KL term: conservative for GRPO without
+    one). An unverified step is max(generate, passes) + sync. A verified step (every verify_every; 0:
+    never) cannot overlap its update: before it, the trainer waits for the batch generated with its current
+    weights and runs one more forward on it, so it is max(generate, forwards before the update) + that
+    forward + the update (fwd + bwd) + sync."""
+    before_update = r["fwd_s"] * (2 if rollout_policy_every_step else 1)
+    update = 3 * r["fwd_s"]
+    passes = before_update + update
+    unverified = max(r["gen_s"], passes) + r["sync_s"]
+    verified = max(r["gen_s"], before_update) + r["fwd_s"] + update + r["sync_s"]
+    step = unverified + (verified - unverified) / verify_every if verify_every else unverified
+    return {"passes_s": passes, "verify_s": step - unverified, "step_s": step,
+            "tok_s_gpu": r["tokens"] / step / r["gpus"]}
 
 
 def trainer_gb(shape: dict, tp: int, pp: int, dp: int) -> float:

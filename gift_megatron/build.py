@@ -6,6 +6,7 @@ engine (rollout/startup.py) and the rollout stage (rollout/stage.py, global rank
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from gift_megatron.rollout.stage import RolloutStage
 from gift_megatron.rollout.startup import start_engine, write_hf_folder
 from gift_megatron.rollout.tasks import build_task
 from gift_megatron.trainer import Trainer, TrainState
+
+log = logging.getLogger(__name__)
 
 
 def build(cfg: Config) -> Trainer:
@@ -73,6 +76,11 @@ def build(cfg: Config) -> Trainer:
                                 num_prompts=cfg.data.num_prompts_per_step, seed=cfg.seed)
         if cfg.rollout.max_staleness:
             rollouts = RolloutsAhead(rollouts, cfg.rollout.max_staleness)
+            if cfg.rollout.verify_every == 1:
+                log.warning("rollout.max_staleness=%d with rollout.verify_every=1: every step checks the engine on "
+                            "the batch generated with its weights, so every update waits for generation and the "
+                            "overlap is lost; rollout.verify_every=10 keeps most of it (docs/scaling.md)",
+                            cfg.rollout.max_staleness)
     trainer = Trainer(cfg, policy, reference, rollouts, TrainState(sampler), run_dir, resume_from)
     if cfg.rollout.server_urls:  # servers started elsewhere hold other weights: sync ours in
         trainer.sync_weights(0)
