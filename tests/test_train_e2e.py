@@ -146,14 +146,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(runs):
     assert saved and int(saved[-1].name.split("_")[1]) >= last >= 3
 
 
-def test_a_logprob_mismatch_stops_the_run(runs):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_logprob_mismatch_stops_the_run(runs, staleness):
     """The alarm is a stop, not a log line: with a threshold below fp32 noise every checked step trips
     it; the first warns, the second (mismatch_patience=2) stops the run before its update, naming the
     likely causes. (The correct-sync runs above stay under the default 1e-3 by over three orders: mean
-    measured ~4e-7.)"""
-    run_dir = runs / "alarm"
+    measured ~4e-7.) With rollouts ahead (k = 1) step 2's batch is stale: the check runs on the batch
+    generated ahead with step 2's weights, and stops the run the same way."""
+    run_dir = runs / f"alarm{staleness}"
     cmd = [sys.executable, "-m", "gift_megatron.train", f"run_dir={run_dir}", "num_steps=5", "eval_every=100",
-           "save_every=100", "rollout.max_logprob_mismatch=1e-12", "rollout.mismatch_patience=2"]
+           "save_every=100", "rollout.max_logprob_mismatch=1e-12", "rollout.mismatch_patience=2",
+           f"rollout.max_staleness={staleness}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr  # Hydra logs to stdout, the traceback goes to stderr
     assert proc.returncode != 0
