@@ -58,15 +58,18 @@ def convergence(a) -> None:
             print(f"done: {name} k={k}", file=sys.stderr, flush=True)
 
     print(f"{len(a.seeds)} seeds x {a.steps} steps; held-out greedy accuracy (500 prompts), mean +- std over seeds")
-    print("variant | k | start | final | best | final - final at k=0 | mean staleness | s per step")
+    print("variant | k | start | final | best | final - final at k=0, same seed | mean accuracy over the evals - "
+          "the same at k=0, same seed | mean staleness | s per step")
     for name, by_k in results.items():
-        base = statistics.mean(curves(rows)[1][-1] for rows in by_k[min(by_k)])
+        base = [curves(rows)[1] for rows in by_k[min(by_k)]]
         for k, runs in sorted(by_k.items()):
             acc = [curves(rows)[1] for rows in runs]
             steps = [r for rows in runs for r in rows if "time_step" in r]
             final = [x[-1] for x in acc]
+            d_final = [x[-1] - b[-1] for x, b in zip(acc, base)]  # paired by seed: the seeds share their start
+            d_mean = [statistics.mean(x[1:]) - statistics.mean(b[1:]) for x, b in zip(acc, base)]
             print(f"{name} | {k} | {mean_std([x[0] for x in acc])} | {mean_std(final)} | "
-                  f"{mean_std([max(x) for x in acc])} | {statistics.mean(final) - base:+.3f} | "
+                  f"{mean_std([max(x) for x in acc])} | {mean_std(d_final)} | {mean_std(d_mean)} | "
                   f"{statistics.mean(r.get('staleness', 0.0) for r in steps):.2f} | "
                   f"{statistics.mean(r['time_step'] for r in steps):.3f}")
 
