@@ -12,6 +12,10 @@
    loss is mean_i (A_i - z_i)^2;
 5. weight sync into the engine, and every `algo.reference_refresh_every` steps a new reference.
 
+With `rollout.max_staleness` = k > 0, step 1 takes a batch generated ahead on a background thread
+(rollout/ahead.py) by weights at most k versions older; the engine check then runs on the batch
+generated with this step's weights (`_verify_ahead`), and checkpoints hold the batches not yet trained.
+
 Global rank 0 owns the rollout stage (engine, task, rewards); every rank trains its shard. A stop
 signal (SIGTERM/SIGUSR1, Slurm's warning before the time limit) only sets a flag: all ranks agree on
 it at the end of the step, save the checkpoint and leave.
