@@ -12,13 +12,14 @@ plot: accuracy vs step and vs wall second per variant, one band per k.
 the two configurations alternated `--repeats` times in one run (side by side on the same machine).
 
 Run: python bench/async_rollouts.py convergence [--seeds 1 2 3 --steps 120 --staleness 0 1 2]
-     python bench/async_rollouts.py walltime [--steps 30 --repeats 2]
+     python bench/async_rollouts.py walltime [--walltime-steps 60 --repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,13 +32,13 @@ VARIANTS = {"gift": ["algo=gift"], "gift_paper": ["algo=gift_paper"], "grpo": ["
             "grpo_tis": ["algo=grpo", "algo.tis_cap=2.0"]}
 
 
-def train(run_dir: Path, overrides: list[str], steps: int) -> list[dict]:
+def train(run_dir: Path, overrides: list[str], steps: int, env: dict | None = None) -> list[dict]:
     """A finished run's metrics (reused when the folder already holds all `steps`)."""
     metrics = run_dir / "metrics.jsonl"
     if not (metrics.exists() and any(json.loads(x)["step"] == steps for x in metrics.read_text().splitlines())):
         cmd = [sys.executable, "-m", "gift_megatron.train", f"num_steps={steps}", f"save_every={steps}",
                f"run_dir={run_dir}", "resume=false", *overrides]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -99,28 +100,34 @@ def convergence(a) -> None:
 
 def walltime(a) -> None:
     setups = {"synchronous (k=0)": ["rollout.max_staleness=0"], "ahead (k=1)": ["rollout.max_staleness=1"]}
-    base = ["rollout=vllm_servers", "rollout.num_servers=1", f"eval_every={a.steps}", "data.num_eval_prompts=100",
-            *a.overrides]
+    base = ["rollout=vllm_servers", "rollout.num_servers=1", f"eval_every={a.walltime_steps}",
+            "data.num_eval_prompts=100", *a.overrides]
     steps: dict[str, list[dict]] = {name: [] for name in setups}
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads)) if a.threads else None
     for rep in range(a.repeats):
         for name, overrides in setups.items():
-            rows = train(a.out / f"walltime_{name.split()[0]}_{rep}", [*base, *overrides], a.steps)
+            rows = train(a.out / f"walltime_{name.split()[0]}_{rep}", [*base, *overrides], a.walltime_steps, env)
             steps[name] += [r for r in rows if "time_step" in r and r["step"] > 1]  # step 1 waits for batch 1
-    print(f"seconds per step, one vLLM server, {a.steps - 1} steps x {a.repeats} runs each, alternated")
-    print("setup | step | generate | train passes (old + ref + verify + train) | sync | waited for the batch")
+    print(f"seconds per step, one vLLM server, {a.walltime_steps - 1} steps x {a.repeats} runs each, alternated; "
+          f"threads per process: {a.threads or 'default'}")
+    print("setup | step | generate | trainer passes (old + ref + verify + train) | sync | trainer waited for the "
+          "batch | sync waited for the round")
     mean = {}
     for name, rows in steps.items():
         m = {key: statistics.mean(r.get(key, 0.0) for r in rows) for key in
              ("time_step", "time_generate", "time_old_logprobs", "time_reference", "time_verify", "time_train",
-              "time_sync", "time_wait_rollout")}
+              "time_sync", "time_wait_rollout", "time_wait_round")}
         mean[name] = m
-        passes = m["time_old_logprobs"] + m["time_reference"] + m["time_verify"] + m["time_train"]
-        print(f"{name} | {m['time_step']:.3f} | {m['time_generate']:.3f} | {passes:.3f} | {m['time_sync']:.3f} | "
-              f"{m['time_wait_rollout']:.3f}")
+        m["passes"] = m["time_old_logprobs"] + m["time_reference"] + m["time_verify"] + m["time_train"]
+        print(f"{name} | {m['time_step']:.3f} | {m['time_generate']:.3f} | {m['passes']:.3f} | {m['time_sync']:.3f} | "
+              f"{m['time_wait_rollout']:.3f} | {m['time_wait_round']:.3f}")
     sync, ahead = mean["synchronous (k=0)"], mean["ahead (k=1)"]
+    rest = sync["time_step"] - sync["time_generate"] - sync["passes"]  # sync, batch building, rewards
+    ideal = (max(sync["time_generate"], sync["passes"]) + rest) / sync["time_step"]
     print(f"step time k=1 / k=0: {ahead['time_step'] / sync['time_step']:.2f}; generation under overlap / alone: "
           f"{ahead['time_generate'] / sync['time_generate']:.2f}; trainer passes under overlap / alone: "
-          f"{ahead['time_train'] / sync['time_train']:.2f}")
+          f"{ahead['passes'] / sync['passes']:.2f}; ideal overlap (each side as fast as alone): "
+          f"{ideal:.2f}")
 
 
 def main() -> None:
@@ -131,6 +138,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--walltime-steps", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the trainer and the server it "
+                    "starts (0: their defaults, every core each)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_async")
     ap.add_argument("overrides", nargs="*", help="more gift-train overrides for every run")
     a = ap.parse_args()

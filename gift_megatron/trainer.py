@@ -227,7 +227,10 @@ class Trainer:
         if not self.rank0:
             return {}
         sync = self.rollouts.load_weights(weights, version)
-        return {"time_sync": sync.seconds, "sync_gb_per_s": sync.gb_per_s}
+        metrics = {"time_sync": sync.seconds, "sync_gb_per_s": sync.gb_per_s}
+        if isinstance(self.rollouts, RolloutsAhead):  # the sync waited for the generation round in progress
+            metrics["time_wait_round"] = self.rollouts.waited_s
+        return metrics
 
     def _checkpointed_reference(self) -> list | None:
         """The reference chunks when they are not the frozen initial policy (then checkpoints hold them)."""

@@ -62,6 +62,7 @@ class RolloutsAhead:
         self._claims = 0  # trainer-thread users of the engine (waiting or holding)
         self._stop = False
         self._error: BaseException | None = None
+        self.waited_s = 0.0  # the trainer's last wait for the engine (a round in progress)
         self._thread = threading.Thread(target=self._generate, name="rollouts-ahead", daemon=True)
 
     def restore(self, trained: int, pending: Iterable[Rollout], sampler_state: dict[str, int] | None) -> None:
@@ -157,9 +158,11 @@ class RolloutsAhead:
     @contextmanager
     def _engine_turn(self):
         """The engine for the trainer's thread, between generation rounds."""
+        start = time.perf_counter()
         with self._cv:
             self._claims += 1
             self._cv.wait_for(lambda: not self._busy)
+        self.waited_s = time.perf_counter() - start
         try:
             yield self.stage
         finally:
