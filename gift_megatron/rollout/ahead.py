@@ -67,7 +67,8 @@ class RolloutsAhead:
 
     def restore(self, trained: int, pending: Iterable[Rollout], sampler_state: dict[str, int] | None) -> None:
         """After a resume, before the first batch: `trained` steps done, the checkpoint's batches generated
-        ahead (those within the bound are kept) and the sampler's state after them."""
+        ahead and the sampler's state after them. They are kept if every one is within this run's bound,
+        else all are dropped (batches train in order) and the sampler stays where the trained ones left it."""
         assert self._thread.ident is None, "restore before the first batch"
         pending = list(pending)
         kept = [r for i, r in enumerate(pending) if trained + i - r.version <= self.k]
@@ -84,14 +85,6 @@ class RolloutsAhead:
     def _started(self) -> None:
         if self._thread.ident is None and not self._stop:  # once, at the first batch
             self._thread.start()
-
-    @property
-    def engine(self):
-        return self.stage.engine
-
-    @property
-    def version(self) -> int:
-        return self._version
 
     def _may_start(self) -> bool:
         return not self._claims and self._next - 1 - self._version <= self.k
