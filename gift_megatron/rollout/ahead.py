@@ -56,7 +56,6 @@ class RolloutsAhead:
         self._cv = threading.Condition()
         self._ready: deque[Rollout] = deque()
         self._taken = 0  # steps whose batch the trainer has taken
-        self._version = stage.version  # of the weights the engine holds
         self._next = 1  # the step the next generated batch is for
         self._busy = False  # a generation round holds the engine
         self._claims = 0  # trainer-thread users of the engine (waiting or holding)
@@ -87,7 +86,7 @@ class RolloutsAhead:
             self._thread.start()
 
     def _may_start(self) -> bool:
-        return not self._claims and self._next - 1 - self._version <= self.k
+        return not self._claims and self._next - 1 - self.stage.version <= self.k
 
     def _generate(self) -> None:
         while True:
@@ -95,15 +94,14 @@ class RolloutsAhead:
                 self._cv.wait_for(lambda: self._stop or self._may_start())
                 if self._stop:
                     return
-                self._busy, version, step = True, self._version, self._next
-            try:
+                self._busy, step = True, self._next
+            try:  # the engine's weights, hence stage.version, cannot change during a round: the batch's version
                 rollout = self.stage.next()
             except BaseException as e:  # noqa: BLE001 - raised again in the trainer's thread (next)
                 with self._cv:
                     self._error, self._busy = e, False
                     self._cv.notify_all()
                 return
-            rollout.version = version  # the engine's weights cannot change during a round
             rollout.metrics["rollout_step"] = float(step)
             with self._cv:
                 self._ready.append(rollout)
@@ -141,11 +139,13 @@ class RolloutsAhead:
         self._started()
         with self._cv:
             found = lambda: next((r for r in self._ready if r.version == version), None)  # noqa: E731
-            self._cv.wait_for(lambda: found() is not None or self._error is not None or self._version != version)
+            self._cv.wait_for(lambda: found() is not None or self._error is not None
+                              or self.stage.version != version)
             rollout = found()
             if rollout is None:
                 self._raise_if_failed()
-                raise StalenessError(f"no batch generated with version {version} (the engine holds {self._version})")
+                raise StalenessError(f"no batch generated with version {version} "
+                                     f"(the engine holds {self.stage.version})")
             return rollout
 
     @contextmanager
@@ -165,10 +165,7 @@ class RolloutsAhead:
 
     def load_weights(self, named_tensors, version: int) -> SyncStats:
         with self._engine_turn() as stage:
-            stats = stage.load_weights(named_tensors, version)
-            with self._cv:
-                self._version = version
-        return stats
+            return stage.load_weights(named_tensors, version)  # the stage's version moves: notified on leaving
 
     def evaluate(self, num_samples: int = 1) -> dict[str, float]:
         with self._engine_turn() as stage:
