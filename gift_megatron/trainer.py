@@ -155,7 +155,7 @@ class Trainer:
                                           vocab_size=self.cfg.model.vocab_size, entropy=self.cfg.log_entropy,
                                           group_statistics=self.group_statistics, current_logp_BT=logp,
                                           logp_known=self.group_statistics is not None)
-        metrics |= {key: sum(u[key] for u in updates) / len(updates) for key in updates[-1]}
+        metrics |= _mean_over_updates(updates)
         metrics["tokens"] = sum(u["tokens"] for u in updates)  # sequence positions trained, all DP ranks
         metrics["trainer_tokens_per_s"] = metrics["tokens"] / sum(timer.seconds.values())
         metrics |= self.sync_weights(n)  # 5.
@@ -330,6 +330,13 @@ class Trainer:
             self.rollouts.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric averaged over the mini-batches that have it: a mini-batch whose metric had no value
+    anywhere (e.g. GIFT's log_beta_* with no informative group) leaves it out."""
+    keys = dict.fromkeys(k for u in updates for k in u)
+    return {k: sum(u[k] for u in updates if k in u) / sum(k in u for u in updates) for k in keys}
 
 
 def _stop_requested() -> bool:
