@@ -14,7 +14,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from gift_megatron.config import Config
-from gift_megatron.megatron.checkpoint import check_architecture, load_model_weights, select_checkpoint
+from gift_megatron.megatron.checkpoint import check_architecture, load_model_weights, read_state, select_checkpoint
 from gift_megatron.megatron.conversion import write_preset
 from gift_megatron.megatron.parallel import init_distributed, init_model_parallel
 from gift_megatron.megatron.policy import build_policy, build_reference, copy_weights, move_chunks
@@ -26,21 +26,26 @@ from gift_megatron.rollout.rewards import GroupScorer, build_reward
 from gift_megatron.rollout.stage import RolloutStage
 from gift_megatron.rollout.startup import start_engine, write_hf_folder
 from gift_megatron.rollout.tasks import build_task
+from gift_megatron.run_dir import RunLock, changed_meaning, meaning, record_segment, refused_changes
 from gift_megatron.trainer import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 
 
-def build(cfg: Config) -> Trainer:
+def build(cfg: Config, lock: RunLock | None = None) -> Trainer:
+    """`lock`: run_dir's, held by global rank 0 (run_dir.claim_run_dir); the trainer releases it at close."""
     run_dir, on_gpu = Path(cfg.run_dir), cfg.on_gpu
     rank0 = init_distributed(cfg.parallel, on_gpu).rank == 0
     # Which checkpoint to resume, checked before anything is written or trained: a run_dir that holds
     # another model's checkpoints keeps its config.yaml / model.yaml (tools/mcore_to_hf.py reads them).
     resume_from = select_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    changes = {}
     if resume_from is not None:
         check_architecture(cfg.model, resume_from)
+        changes = check_meaning(resume_from, meaning(config), cfg.resume_allow_changes)
     if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        record_segment(run_dir, read_state(resume_from)["step"] if resume_from else 0, config, changes)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
         write_preset(cfg.model, run_dir / "model.yaml")  # tools/mcore_to_hf.py finds it for run checkpoints
     init_model_parallel(cfg.parallel, cfg.seed, on_gpu)
@@ -81,7 +86,24 @@ def build(cfg: Config) -> Trainer:
                             "the batch generated with its weights, so every update waits for generation and the "
                             "overlap is lost; rollout.verify_every=10 keeps most of it (docs/scaling.md)",
                             cfg.rollout.max_staleness)
-    trainer = Trainer(cfg, policy, reference, rollouts, TrainState(sampler), run_dir, resume_from)
+    trainer = Trainer(cfg, policy, reference, rollouts, TrainState(sampler), run_dir, resume_from, meaning(config),
+                      lock)
     if cfg.rollout.server_urls:  # servers started elsewhere hold other weights: sync ours in
         trainer.sync_weights(0)
     return trainer
+
+
+def check_meaning(resume_from: Path, now: dict, allowed: list[str]) -> dict[str, tuple]:
+    """The changes of what the run trains since `resume_from` (allowed ones, to record); raises naming
+    the fields a resume may not change without `resume_allow_changes`."""
+    changes = changed_meaning(read_state(resume_from).get("meaning", {}), now)
+    refused = refused_changes(changes, allowed)
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        sections = ",".join(sorted({k.split(".")[0] for k in refused}))
+        raise ValueError(f"resuming {resume_from} would change what the run trains ({listed}): resume with the run's "
+                         f"settings, start a new run in another folder (run_dir=...), or allow the change "
+                         f"explicitly with resume_allow_changes=[{sections}] (recorded in run_history.jsonl; "
+                         f"python tools/run_history.py {resume_from.parents[1]} prints it)")
+    return changes
+

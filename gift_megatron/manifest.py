@@ -98,13 +98,29 @@ def check_files(folder: Path, entries: dict[str, dict], names: list[str]) -> lis
     return problems
 
 
+def unlisted_files(folder: Path, entries: dict[str, dict]) -> list[str]:
+    """Problems for the files on disk that the manifest does not list (added after it was written)."""
+    extra = sorted(set(checkpoint_files(folder)) - set(entries))
+    return [f"{Path(folder) / n}: not in the manifest (added after the checkpoint was written)" for n in extra]
+
+
+def no_manifest(folder: Path) -> str:
+    return (f"{folder}: no {MANIFEST}, so it cannot be verified (an unfinished write, or an edit that removed it). "
+            f"If you trust this checkpoint, sign it explicitly: python tools/verify_checkpoint.py --sign {folder}")
+
+
 def verify_folder(folder: Path) -> list[str]:
-    """Every problem of one checkpoint folder (single process: the command-line verifier)."""
+    """Every problem of one checkpoint folder (single process: the command-line verifier): no manifest,
+    a listed file missing or different, a file on disk the manifest does not list."""
     folder = Path(folder)
     entries = read_manifest(folder)
     if entries is None:
-        return [f"{folder}: no {MANIFEST} (written before manifests, or not a finished checkpoint)"]
-    problems = check_files(folder, entries, sorted(entries))
-    extra = sorted(set(checkpoint_files(folder)) - set(entries))
-    problems += [f"{folder / n}: not in the manifest (added after the checkpoint was written)" for n in extra]
-    return problems
+        return [no_manifest(folder)]
+    return check_files(folder, entries, sorted(entries)) + unlisted_files(folder, entries)
+
+
+def sign_folder(folder: Path) -> Path:
+    """Write a manifest for the files a folder holds now: the user vouches for them (the command-line
+    verifier's --sign). Never called by the trainer."""
+    folder = Path(folder)
+    return write_manifest(folder, digest_files(folder, checkpoint_files(folder), fsync=True))

@@ -19,9 +19,12 @@ from omegaconf import DictConfig
 
 from gift_megatron.config import apply_model_preset, register_configs, to_config
 from gift_megatron.guard import protect
+from gift_megatron.run_dir import claim_run_dir
+from gift_megatron.stop import Preempted, StopFlag
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; rerun to resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C after checkpointing; rerun to resume
 register_configs()
 CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works for the console script too
 
@@ -73,20 +76,30 @@ def log_from_rank0(rank: int, all_ranks: bool) -> None:
 def main(dict_cfg: DictConfig) -> dict:
     log_from_rank0(launcher_rank(), dict_cfg.log_all_ranks)
     quiet_third_party(dict_cfg.log_level)  # before megatron's import: it logs INFO lines as it loads
-    from gift_megatron.build import build
-    from gift_megatron.trainer import Preempted, StopFlag
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Slurm's warning before the time limit
+    # Slurm's warning before the time limit, and Ctrl-C: finish the step, save, leave (a second Ctrl-C aborts)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, StopFlag.request)
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         dict_cfg.run_dir = hc.runtime.output_dir  # each sweep job its own run folder
     cfg = to_config(apply_model_preset(dict_cfg, list(hc.overrides.task)))
-    trainer = build(cfg)
+    # rank 0 owns run_dir from here on; claimed before the heavy imports, so a second launch is refused in seconds
+    lock = claim_run_dir(Path(cfg.run_dir), cfg.resume, cfg.move_old_run) if launcher_rank() == 0 else None
+    try:
+        from gift_megatron.build import build
+
+        trainer = build(cfg, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     try:
         trainer.resume()
         summary = trainer.run()
     except Preempted as stop:
+        if stop.signum == signal.SIGINT:  # the user stopped it: not a job to requeue
+            log.warning("%s: checkpoint saved; run the same command again to resume", stop)
+            sys.exit(EXIT_INTERRUPTED)
         log.warning("%s: checkpoint saved; exiting with %d so the job can be requeued", stop, EXIT_PREEMPTED)
         sys.exit(EXIT_PREEMPTED)
     finally:

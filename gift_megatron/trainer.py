@@ -17,8 +17,10 @@ With `rollout.max_staleness` = k > 0, step 1 takes a batch generated ahead on a 
 generated with this step's weights (`_verify_ahead`), and checkpoints hold the batches not yet trained.
 
 Global rank 0 owns the rollout stage (engine, task, rewards); every rank trains its shard. A stop
-signal (SIGTERM/SIGUSR1, Slurm's warning before the time limit) only sets a flag: all ranks agree on
-it at the end of the step, save the checkpoint and leave.
+signal (SIGTERM/SIGUSR1, Slurm's warning before the time limit, or one Ctrl-C) only sets a flag: all
+ranks agree on it at the end of the step, save the checkpoint and leave. Nothing saves from inside a
+step: a checkpoint is only ever the state at a step boundary. A second Ctrl-C aborts at once without
+saving (the last checkpoint stays as it was).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gift_megatron.algo import build_group_statistics, build_loss
 from gift_megatron.config import Config
-from gift_megatron.megatron.checkpoint import architecture, load_checkpoint, save_checkpoint
+from gift_megatron.manifest import CorruptCheckpoint
+from gift_megatron.megatron.checkpoint import STATE, architecture, load_checkpoint, read_state, save_checkpoint
 from gift_megatron.megatron.policy import Policy, copy_weights, move_chunks
 from gift_megatron.megatron.sharding import broadcast_rollout, dp_shard, logprob_mismatch
 from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_rollout_batch
@@ -47,23 +50,11 @@ from gift_megatron.rollout.batch import RolloutBatch
 from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.stage import Rollout, RolloutStage
 from gift_megatron.rollout.verify import DEFAULT_MAX_MISMATCH, MismatchAlarm
+from gift_megatron.run_dir import RunLock
+from gift_megatron.stop import Preempted, StopFlag
 
 log = logging.getLogger(__name__)
 PENDING_FILE = "rollouts_ahead.pt"  # in a checkpoint: batches generated ahead, not yet trained (rank 0)
-
-
-class Preempted(Exception):
-    """Raised once every rank has seen the stop flag and the checkpoint is written."""
-
-
-class StopFlag:
-    """Set from a signal handler; read at step boundaries."""
-
-    signum: int | None = None
-
-    @classmethod
-    def request(cls, signum: int, frame=None) -> None:
-        cls.signum = signum
 
 
 class NonFiniteError(RuntimeError):
@@ -100,6 +91,10 @@ class TrainState:
 
     sampler: PromptSampler
     step: int = 0
+    optimizer_steps: int = 0
+    """Updates applied (skipped ones not counted): checked on resume against the LR schedule's and Adam's."""
+    last_update_skipped: bool = False
+    """Whether the last step skipped an update for a NaN/Inf (its checkpoint never displaces a good one)."""
 
 
 class PhaseTimer:
@@ -118,9 +113,11 @@ class PhaseTimer:
 class Trainer:
     def __init__(self, cfg: Config, policy: Policy, reference: list | None,
                  rollouts: RolloutStage | RolloutsAhead | None,
-                 state: TrainState, run_dir: Path, resume_from: Path | None = None) -> None:
+                 state: TrainState, run_dir: Path, resume_from: Path | None = None, meaning: dict | None = None,
+                 lock: RunLock | None = None) -> None:
         self.cfg, self.policy, self.reference, self.rollouts = cfg, policy, reference, rollouts
         self.state, self.run_dir, self.resume_from = state, run_dir, resume_from
+        self.meaning, self.lock = meaning or {}, lock  # what the run trains (run_dir.py); rank 0 holds run_dir
         self.rank0 = dist.get_rank() == 0  # owns `rollouts`
         self.loss = build_loss(cfg.algo)  # GIFT: algo/losses.py gift_loss
         p = cfg.parallel
@@ -156,6 +153,9 @@ class Trainer:
                                           group_statistics=self.group_statistics, current_logp_BT=logp,
                                           logp_known=self.group_statistics is not None)
         metrics |= _mean_over_updates(updates)
+        applied = sum(u["update_skipped"] == 0 for u in updates)
+        self.state.optimizer_steps += applied
+        self.state.last_update_skipped = applied < len(updates)
         metrics["tokens"] = sum(u["tokens"] for u in updates)  # sequence positions trained, all DP ranks
         metrics["trainer_tokens_per_s"] = metrics["tokens"] / sum(timer.seconds.values())
         metrics |= self.sync_weights(n)  # 5.
@@ -237,32 +237,51 @@ class Trainer:
         return self.reference if self.reference is not None and self.cfg.algo.reference_refresh_every else None
 
     def save(self) -> None:
-        """Collective. With rollouts ahead, rank 0 adds the batches generated but not yet trained."""
-        files = {}
+        """Collective, at a step boundary only. With rollouts ahead, rank 0 adds the batches generated but
+        not yet trained. state.json records what `resume` cross-checks: the step, the optimizer steps,
+        the sampler, the pending batches, and what the run trains."""
+        files, pending = {}, {"count": 0, "versions": []}
         if self.rank0 and isinstance(self.rollouts, RolloutsAhead):
-            pending, sampler = self.rollouts.pending()
-            files[PENDING_FILE] = lambda path: save_pending(path, pending, sampler)
+            batches, sampler = self.rollouts.pending()
+            files[PENDING_FILE] = lambda path: save_pending(path, batches, sampler)
+            pending = {"count": len(batches), "versions": [b.version for b in batches]}
+        sampler = self.state.sampler.state_dict()
+        run_state = {"optimizer_steps": self.state.optimizer_steps, "sampler": sampler, "pending": pending,
+                     "update_skipped": self.state.last_update_skipped, "meaning": self.meaning}
         save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.policy,
-                        {"sampler": self.state.sampler.state_dict(), "architecture": architecture(self.cfg.model)},
+                        {"sampler": sampler, "architecture": architecture(self.cfg.model)},
                         keep_last=self.cfg.keep_last_checkpoints, reference=self._checkpointed_reference(),
-                        rank0_files=files)
+                        rank0_files=files, run_state=run_state)
 
     def resume(self) -> None:
-        """Collective: every rank loads the checkpoint build chose (the newest intact one), if any."""
+        """Collective: every rank loads the checkpoint build chose (the newest that verifies), if any; the
+        parts written apart must agree (checkpoint.py `_cross_check`, and the pending batches here)."""
         if self.resume_from is None:
             return
         state = load_checkpoint(self.resume_from, self.policy, reference=self._checkpointed_reference(), verify=False)
+        summary = read_state(self.resume_from)
         self.state.sampler.load_state_dict(state["sampler"])
         self.state.step = int(state["step"])
+        self.state.optimizer_steps = int(summary.get("optimizer_steps", self.policy.scheduler.num_steps))
+        self.state.last_update_skipped = bool(summary.get("update_skipped", False))
         if self.rank0:
             self.rollouts.sampler.load_state_dict(state["sampler"])  # the stage's: after the batches trained
             if isinstance(self.rollouts, RolloutsAhead):
-                saved = self.resume_from / PENDING_FILE
-                pending, sampler = load_pending(saved) if saved.exists() else ([], None)
-                self.rollouts.restore(self.state.step, pending, sampler)
+                self.rollouts.restore(self.state.step, *self._saved_pending(summary))
         self.sync_weights(self.state.step)
         if self.rank0:
             log.info("resumed from %s (step %d)", self.resume_from, self.state.step)
+
+    def _saved_pending(self, summary: dict) -> tuple[list, dict | None]:
+        """The checkpoint's batches generated ahead, checked against what state.json says it holds."""
+        saved = self.resume_from / PENDING_FILE
+        pending, sampler = load_pending(saved) if saved.exists() else ([], None)
+        want = summary.get("pending", {"count": 0, "versions": []})
+        got = {"count": len(pending), "versions": [r.version for r in pending]}
+        if got != want or any(v > self.state.step for v in got["versions"]):
+            raise CorruptCheckpoint(f"{self.resume_from}: its batches generated ahead ({got}) disagree with "
+                                    f"{STATE} ({want}) at step {self.state.step}: resume from an older checkpoint")
+        return pending, sampler
 
     def _evaluate(self) -> dict[str, float]:
         start = time.perf_counter()
@@ -270,8 +289,7 @@ class Trainer:
         return metrics | {"time_eval": time.perf_counter() - start}
 
     def run(self) -> dict[str, float]:
-        """The loop. A stop signal ends it after the current step with a checkpoint (Preempted raised);
-        Ctrl-C in a one-process run saves too."""
+        """The loop. A stop signal ends it after the current step with a checkpoint (Preempted raised)."""
         cfg = self.cfg
         if self.rank0:
             self.metrics.rewind(self.state.step)
@@ -285,12 +303,6 @@ class Trainer:
             with logging_redirect_tqdm([logging.getLogger(), logging.getLogger("vllm")]):
                 while self.state.step < cfg.num_steps:
                     self._step_and_log(bar, evals_on)
-        except KeyboardInterrupt:
-            if dist.get_world_size() > 1:
-                raise  # ranks may be inside different collectives: a collective save could hang
-            log.warning("interrupted at step %d: saving a checkpoint", self.state.step)
-            self.save()
-            raise
         finally:
             bar.close()
         evals = self.metrics.evals()
@@ -320,7 +332,7 @@ class Trainer:
                 log.warning("stop signal: checkpoint at step %d, leaving", n)
             if not saved:
                 self.save()
-            raise Preempted(f"stop signal at step {n}")
+            raise Preempted(f"stop signal at step {n}", StopFlag.signum)
 
     def close(self) -> None:
         """Stop the rollout stage (rank 0), then torch.distributed (the in-process engine's shutdown may
@@ -330,6 +342,8 @@ class Trainer:
             self.rollouts.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:

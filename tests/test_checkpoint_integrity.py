@@ -69,6 +69,7 @@ def test_command_line_verifier(tmp_path):
     assert lines[0].startswith("OK ") and lines[1] == f"DAMAGED    {bad}"
     assert lines[2] == f"  {bad}/a.distcp: truncated (10 bytes, the manifest says 10000)"
     assert lines[3].startswith(f"UNVERIFIED {tmp_path / 'old'}: no manifest.json")
+    assert f"--sign {tmp_path / 'old'}" in lines[3]  # the explicit way to trust it
     assert lines[4].startswith(f"{tmp_path / 'nothing'}: no checkpoint here")
 
 
@@ -99,15 +100,15 @@ def _resume_worker(rank, world, root):
 
     seen, out = _records(), {}
     policy = W.setup(W.make_config(world))
-    chosen = select_checkpoint(root)
-    out["chosen"] = chosen.name
-    out["state"] = load_checkpoint(chosen, policy, verify=False)["data_position"]
     for name, load in [("direct", lambda p: load_checkpoint(p, policy)),
                        ("weights", lambda p: load_model_weights(p, policy.chunks))]:
         try:
             load(Path(root) / "step_00000002")
         except CorruptCheckpoint as e:
             out[name] = str(e)
+    chosen = select_checkpoint(root)  # skips step 2 and renames it aside
+    out["chosen"] = chosen.name
+    out["state"] = load_checkpoint(chosen, policy, verify=False)["data_position"]
     if rank == 0:
         os.truncate(Path(root) / "step_00000001" / "common.pt", 50)
     dist.barrier()
@@ -135,15 +136,19 @@ def test_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_resumed(tm
     out = run_distributed(_resume_worker, 2, str(root))
     assert [o["chosen"] for o in out] == ["step_00000001"] * 2 and [o["state"] for o in out] == [1, 1]
     warned = "\n".join(out[0]["logged"])
-    assert f"checkpoint {step2} is damaged and is skipped:\n  {shards[-1]}: content differs from its digest" in warned
-    assert f"resuming from {step1}, the newest intact checkpoint, instead of step_00000002" in warned
+    assert f"checkpoint {step2} is skipped:\n  {shards[-1]}: content differs from its digest" in warned
+    assert f"resuming from {step1}, the newest checkpoint that verifies, instead of step_00000002" in warned
+    # the skipped one is kept for inspection under a name that is never loaded or counted again
+    assert f"renamed {step2} to abandoned-step_00000002-" in warned and not step2.exists()
+    assert [p.name for p in root.glob("abandoned-step_00000002-*")]
     assert "removing" in warned and ".tmp_step_00000003" in warned and not (root / ".tmp_step_00000003").exists()
     assert not [m for m in out[1]["logged"] if "checkpoint" in m or "removing" in m]  # rank 1 agrees silently
     for o in out:
         assert f"checkpoint {step2} is damaged:\n  {shards[-1]}: content differs" in o["direct"]
         assert "load an older checkpoint" in o["direct"]
         assert f"{shards[-1]}: content differs" in o["weights"] and "delete it to rebuild it" in o["weights"]
-        assert f"every checkpoint under {root} is damaged (step_00000002, step_00000001" in o["none_left"]
+        assert f"no checkpoint under {root} can be resumed (step_00000001;" in o["none_left"]
+        assert "verify_checkpoint.py --sign" in o["none_left"] and "move_old_run=true" in o["none_left"]
     assert f"{step1}/common.pt: truncated (50 bytes" in "\n".join(out[0]["logged"])
 
 

@@ -36,7 +36,9 @@ from gift_megatron.manifest import (
     checkpoint_files,
     digest_files,
     fsync_dir,
+    no_manifest,
     read_manifest,
+    unlisted_files,
     write_manifest,
 )
 
@@ -196,55 +198,89 @@ def write_checkpoint_manifest(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def checkpoint_problems(folder: Path) -> list[str] | None:
-    """Collective: what is wrong with a checkpoint's files ([] when every file matches its manifest;
-    None when it has no manifest, i.e. was written before manifests). Each rank checks a share."""
+STATE = "state.json"  # in every training checkpoint: the run state written with it, cross-checked on load
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """Collective: what is wrong with a checkpoint's files ([] when it verifies: a manifest, every file it
+    lists present and matching, no file it does not list). Each rank digests a share."""
     rank, world = _world()
-    entries = None
+    found = None
     if rank == 0:
         try:
             entries = read_manifest(folder)
+            found = ({"entries": entries, "problems": unlisted_files(folder, entries)} if entries is not None
+                     else {"entries": {}, "problems": [no_manifest(folder)]})
         except CorruptCheckpoint as e:
-            entries = {"__unreadable__": str(e)}
-    entries = _broadcast_json(entries)
-    if entries is None:
-        return None
-    if "__unreadable__" in entries:
-        return [entries["__unreadable__"]]
+            found = {"entries": {}, "problems": [str(e)]}
+    found = _broadcast_json(found)
+    entries = found["entries"]
     parts = _all_gather_json(check_files(folder, entries, sorted(entries)[rank::world]))
-    return [p for part in parts for p in part]
+    return found["problems"] + [p for part in parts for p in part]
 
 
-def select_checkpoint(root: Path) -> Path | None:
-    """Collective: the newest checkpoint under `root` whose files match their manifest, or None when
-    there is none. Newer ones that do not are skipped with a warning naming each bad file; when every
-    checkpoint is damaged, an error (starting over silently would discard the run). Leftovers of an
-    interrupted write are removed first."""
+def read_state(path: Path) -> dict | None:
+    """A training checkpoint's state.json (step, optimizer steps, sampler, finiteness, ...); None without one."""
+    try:
+        return json.loads((Path(path) / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _state_problems(path: Path) -> list[str]:
+    """Rank 0: a verified training checkpoint whose state.json is missing or disagrees with its name."""
+    state = read_state(path)
+    if state is None:
+        return [f"{path / STATE}: missing or unreadable (every training checkpoint has one)"]
+    step = int(_STEP_DIR.match(path.name).group(1))
+    return [] if state.get("step") == step else [f"{path / STATE}: says step {state.get('step')}, the folder {step}"]
+
+
+def select_checkpoint(root: Path, *, training: bool = True) -> Path | None:
+    """Collective: the newest checkpoint under `root` that verifies (its manifest, and for a training
+    checkpoint its state.json) and whose weights are finite, or None when there is none. Newer ones are
+    skipped with a warning naming each problem and renamed aside (`abandoned-step_N-...`), so that they
+    never count again; when every checkpoint is skipped, an error (starting over silently would discard
+    the run). Leftovers of an interrupted write are removed first."""
     rank, _ = _world()
     if rank == 0:
         _remove_leftovers(Path(root))
     found = [str(p) for p in completed_checkpoints(root)] if rank == 0 else None
-    candidates = [Path(p) for p in _broadcast_json(found)]
-    damaged = []
-    for path in reversed(candidates):
+    skipped = []
+    for path in map(Path, reversed(_broadcast_json(found))):
         problems = checkpoint_problems(path)
-        if problems is None:
-            if rank == 0:
-                log.warning("%s has no manifest (written by an older version): loading it unverified", path)
+        if rank == 0 and not problems and training:
+            problems = _state_problems(path) or _nonfinite_problem(path)
+        if not _broadcast_json(problems):
+            if skipped and rank == 0:
+                log.warning("resuming from %s, the newest checkpoint that verifies, instead of %s", path,
+                            ", ".join(d.name for d in skipped))
+                for bad in skipped:
+                    _abandon(bad)
             return path
-        if not problems:
-            if damaged and rank == 0:
-                log.warning("resuming from %s, the newest intact checkpoint, instead of %s", path,
-                            ", ".join(d.name for d in damaged))
-            return path
-        damaged.append(path)
+        skipped.append(path)
         if rank == 0:
-            log.warning("checkpoint %s is damaged and is skipped:\n  %s", path, "\n  ".join(problems))
-    if damaged:
-        raise CorruptCheckpoint(f"every checkpoint under {root} is damaged ({', '.join(d.name for d in damaged)}; "
-                                f"see the warnings above): restore them from a copy, or move them away (or set "
-                                f"resume=false) to start over")
+            log.warning("checkpoint %s is skipped:\n  %s", path, "\n  ".join(problems))
+    if skipped:
+        raise CorruptCheckpoint(
+            f"no checkpoint under {root} can be resumed ({', '.join(d.name for d in skipped)}; see the warnings "
+            f"above): restore them from a copy, sign one you trust (python tools/verify_checkpoint.py --sign DIR), "
+            f"or start over in another folder (run_dir=...) or with resume=false move_old_run=true (moves the old "
+            f"run aside)")
     return None
+
+
+def _nonfinite_problem(path: Path) -> list[str]:
+    state = read_state(path)
+    return [] if state.get("weights_finite", True) else [f"{path}: its weights are not finite (NaN/Inf)"]
+
+
+def _abandon(path: Path) -> None:
+    """Rename a checkpoint that a resume skipped: kept for inspection, never loaded or counted again."""
+    target = path.with_name(f"abandoned-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(target)
+    log.warning("renamed %s to %s: the run goes on from an older checkpoint (delete it when you no longer need it)",
+                path, target.name)
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -261,8 +297,26 @@ def _prepare_tmp(tmp: Path) -> None:
 
 def _publish(tmp: Path, final: Path, keep_last: int) -> None:
     _replace_dir(tmp, final)
-    for old in completed_checkpoints(final.parent)[:-keep_last]:
+    maybe_fail("checkpoint_prune", int(final.name.removeprefix("step_")))  # published, not yet pruned
+    for old in retired(completed_checkpoints(final.parent), keep_last):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _good(path: Path) -> bool:
+    """Finite weights, and the step's update was not skipped for a NaN/Inf (model-only checkpoints count)."""
+    state = read_state(path)
+    return state is None or (state.get("weights_finite", False) and not state.get("update_skipped", True))
+
+
+def retired(checkpoints: list[Path], keep_last: int) -> list[Path]:
+    """The checkpoints retention deletes (oldest first in, all of one run): all but the newest
+    `keep_last`, except the newest good one (finite weights, update applied), which a run of NaN steps
+    never displaces."""
+    keep = set(checkpoints[-keep_last:])
+    good = [p for p in checkpoints if _good(p)]
+    if good:
+        keep.add(good[-1])
+    return [p for p in checkpoints if p not in keep]
 
 
 def _folder_bytes(path: Path) -> int:
@@ -291,11 +345,21 @@ def _space_message(root: Path, need: int, written: int = 0) -> str:
             f"checkpoints are intact, and the unfinished write is removed at the next start")
 
 
+def weights_finite(chunks) -> bool:
+    """Collective: whether every rank's weights are all finite (one read of the weights)."""
+    bad = torch.tensor([any(not torch.isfinite(p).all() for c in chunks for p in c.parameters())], dtype=torch.long)
+    if _world()[1] > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
 def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_last: int = 2, reference=None,
-                    rank0_files: dict | None = None) -> Path:
+                    rank0_files: dict | None = None, run_state: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder. `reference`: chunks saved too
     (a reference that changes during training, e.g. refreshed from the policy). `rank0_files`: name ->
-    fn(path) that writes it, run on rank 0 into the unpublished folder (in the manifest like the rest)."""
+    fn(path) that writes it, run on rank 0 into the unpublished folder (in the manifest like the rest).
+    `run_state`: what the trainer cross-checks on load (optimizer steps, sampler, ...), written as
+    state.json with the step and whether the weights are finite (retention and resume read it)."""
     root, final = Path(root), step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
     rank, world = _world()
@@ -308,21 +372,25 @@ def save_checkpoint(root: Path, step: int, policy, trainer_state: dict, keep_las
         dist.broadcast(fits, 0)
     if not fits.item():  # checked before writing: a full disk mid-write gives the writers' obscure errors
         raise CheckpointWriteError(_space_message(root, need))
+    summary = dict(run_state or {}, step=step, weights_finite=weights_finite(policy.chunks))
     _on_rank0(_prepare_tmp, tmp)
     state = dict(trainer_state, step=step, has_reference=reference is not None)
     start = time.perf_counter()
+    maybe_fail("checkpoint_data", step)
     try:
         dist_checkpointing.save(_full_sharded_state(policy, state, is_loading=False, reference=reference), str(tmp))
     except BaseException as e:  # torch's CheckpointException is a BaseException
         if not isinstance(e, KeyboardInterrupt | SystemExit) and _no_space(e, root, need):
             raise CheckpointWriteError(_space_message(root, need, _folder_bytes(tmp))) from e
         raise
-    for name, write in (rank0_files or {}).items() if rank == 0 else ():
+    files = dict(rank0_files or {}, **{STATE: lambda path: path.write_text(json.dumps(summary, indent=1))})
+    for name, write in files.items() if rank == 0 else ():
         write(tmp / name)
     dist.barrier()
     saved_s = time.perf_counter() - start
     maybe_fail("kill_during_checkpoint_write", step)  # tests: shards written, no manifest, not yet published
     digest_s = write_checkpoint_manifest(tmp)
+    maybe_fail("checkpoint_publish", step)  # manifest written, not yet renamed into place
     _on_rank0(_publish, tmp, final, keep_last)
     if rank == 0:
         log.info("saved checkpoint %s (write %.2f s, digests %.2f s)", final, saved_s, digest_s)
@@ -345,7 +413,8 @@ def check_architecture(model, path: Path) -> None:
         diff = ", ".join(f"{k}: checkpoint {saved.get(k)}, run {mine.get(k)}" for k in sorted(set(saved) | set(mine))
                          if saved.get(k) != mine.get(k))
         raise ValueError(f"{path} was written for another model ({diff}): use the model it was trained with, "
-                         f"another run_dir, or resume=false to start over")
+                         f"another run_dir, or resume=false move_old_run=true to start over (the old run is moved "
+                         f"aside)")
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -354,8 +423,8 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def verify_checkpoint(path: Path, fix: str) -> None:
-    """Collective: raise CorruptCheckpoint naming every file that disagrees with the manifest (a
-    folder without a manifest passes: written before manifests). `fix` ends the message."""
+    """Collective: raise CorruptCheckpoint naming every problem checkpoint_problems finds (no manifest,
+    a file missing, changed or not listed). `fix` ends the message."""
     problems = checkpoint_problems(path)
     if problems:
         raise CorruptCheckpoint(f"checkpoint {path} is damaged:\n  " + "\n  ".join(problems) + f"\n{fix}")
@@ -385,7 +454,35 @@ def load_checkpoint(path: Path, policy, reference=None, verify: bool = True) -> 
     _restore_adam_step(policy.optimizer, state["optimizer"])
     policy.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng_state"])
+    _cross_check(path, policy, state["trainer"])
     return state["trainer"]
+
+
+def _adam_steps(optimizer) -> set[int]:
+    return {int(s["step"]) for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            for s in opt.optimizer.state.values() if "step" in s}
+
+
+def _cross_check(path: Path, policy, trainer: dict) -> None:
+    """The parts of a step boundary that are written apart agree: state.json's step and sampler with the
+    trainer state's, its count of applied optimizer steps with the LR schedule's and Adam's. A mismatch
+    (a checkpoint taken inside a step, or assembled from two) refuses the checkpoint, naming it."""
+    summary, wrong = read_state(path), []
+    if summary is None:
+        raise CorruptCheckpoint(f"{path} has no {STATE}: it cannot be cross-checked (not written by save_checkpoint)")
+    if summary.get("step") != trainer.get("step"):
+        wrong.append(f"step: {STATE} {summary.get('step')}, trainer state {trainer.get('step')}")
+    if "sampler" in summary and summary["sampler"] != trainer.get("sampler"):
+        wrong.append(f"sampler: {STATE} {summary['sampler']}, trainer state {trainer.get('sampler')}")
+    if "optimizer_steps" in summary:
+        steps = summary["optimizer_steps"]
+        if policy.scheduler.num_steps != steps:
+            wrong.append(f"optimizer steps: {STATE} {steps}, LR schedule {policy.scheduler.num_steps}")
+        if (adam := _adam_steps(policy.optimizer)) and adam != {steps}:
+            wrong.append(f"optimizer steps: {STATE} {steps}, Adam {sorted(adam)}")
+    if wrong:
+        raise CorruptCheckpoint(f"{path} is not the state at one step boundary ({'; '.join(wrong)}): resume from an "
+                                f"older checkpoint (move this one away)")
 
 
 @torch.no_grad()

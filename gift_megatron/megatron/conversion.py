@@ -17,10 +17,11 @@ from gift_megatron.config import ModelConfig
 from gift_megatron.convert.hf_config import hf_config_from_model, model_config_from_hf
 from gift_megatron.convert.mapping import ModelMapping
 from gift_megatron.convert.safetensors_io import HFReader, HFWriter
-from gift_megatron.manifest import MANIFEST, CorruptCheckpoint, verify_folder
+from gift_megatron.manifest import CorruptCheckpoint, verify_folder
 from gift_megatron.megatron.checkpoint import write_checkpoint_manifest
 from gift_megatron.megatron.hf_checkpoint import init_single_process, iter_full_tensors, save_streaming
 from gift_megatron.megatron.model import DTYPES, padded_vocab_size
+from gift_megatron.run_dir import LOCK_NAME, RunLock
 
 log = logging.getLogger(__name__)
 PRESET = "model.yaml"
@@ -50,12 +51,21 @@ def read_preset(path: Path) -> ModelConfig:
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, tensor_model_parallel_size: int = 1,
                 pipeline_model_parallel_size: int = 1, params_dtype: str | None = None,
                 progress: bool = True) -> ModelConfig:
-    """Convert; returns the model preset (also written to OUT/model.yaml, HF config/tokenizer to OUT/hf/)."""
+    """Convert; returns the model preset (also written to OUT/model.yaml, HF config/tokenizer to OUT/hf/).
+    OUT is locked while it is written (run_dir.RunLock): a second conversion into it is refused."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model = model_config_from_hf(hf_dir, **({"params_dtype": params_dtype} if params_dtype else {}))
     _check_layout(model, tensor_model_parallel_size, pipeline_model_parallel_size)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty: choose a new output folder")
+    with RunLock(out_dir).acquire(f"hf_to_mcore {hf_dir}"):
+        if any(p.name != LOCK_NAME for p in out_dir.iterdir()):  # another conversion got there first
+            raise ValueError(f"{out_dir} is not empty: choose a new output folder")
+        return _convert(hf_dir, out_dir, model, tensor_model_parallel_size, progress)
+
+
+def _convert(hf_dir: Path, out_dir: Path, model: ModelConfig, tensor_model_parallel_size: int,
+             progress: bool) -> ModelConfig:
     padded = padded_vocab_size(model, tensor_model_parallel_size)
     mapping = ModelMapping.from_config(model, padded)
     reader = HFReader(hf_dir)
@@ -104,7 +114,7 @@ def mcore_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, model_config: str 
     if not (ckpt_dir / "metadata.json").exists():
         raise ValueError(f"{ckpt_dir} is not a megatron dist checkpoint (no metadata.json): pass the folder that "
                          f"holds it (e.g. OUT/weights or RUN/checkpoints/step_XXXXXXXX)")
-    if (ckpt_dir / MANIFEST).exists() and (problems := verify_folder(ckpt_dir)):
+    if problems := verify_folder(ckpt_dir):  # no unverified load: a missing manifest is a problem too
         raise CorruptCheckpoint(f"checkpoint {ckpt_dir} is damaged:\n  " + "\n  ".join(problems) +
                                 "\nconvert an older checkpoint of the run (tools/verify_checkpoint.py lists them)")
     model = read_preset(Path(model_config) if model_config else find_preset(ckpt_dir))
