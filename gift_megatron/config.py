@@ -8,11 +8,14 @@ before any process group starts. Field names follow megatron-core where one exis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from gift_megatron.run_dir import MEANING
 
 PACKING_NEEDS_LOCAL = (
     "parallel.sequence_packing runs on the local attention spec (block-diagonal masks); with Transformer Engine "
@@ -29,13 +32,13 @@ def _one_of(section: str, name: str, value: object, allowed: tuple) -> None:
 
 def _positive(section: str, **values: float) -> None:
     for name, value in values.items():
-        if value is None or value <= 0:
+        if value is None or not value > 0:  # written so that NaN (false to every comparison) fails
             raise ValueError(f"{section}.{name}={value!r} must be > 0")
 
 
 def _non_negative(section: str, **values: float) -> None:
     for name, value in values.items():
-        if value is None or value < 0:
+        if value is None or not value >= 0:
             raise ValueError(f"{section}.{name}={value!r} must be >= 0")
 
 
@@ -45,6 +48,19 @@ def _within(section: str, name: str, value: float, low: float, high: float, *, h
     if not inside:
         raise ValueError(f"{section}.{name}={value!r} must be in {'(' if low_open else '['}{low}, {high}"
                          f"{')' if high_open else ']'}")
+
+
+def _finite(section: str, config: object) -> None:
+    """Every float field of a config dataclass (and every float in a list field) is finite. Called first in
+    each __post_init__: nan passes any check written `value <= bound`, inf every lower bound, and either
+    fails much later (AdamW, NaN losses) without naming the key. Dataclasses in lists check their own."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            if isinstance(item, float) and not math.isfinite(item):
+                key = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                default = "" if f.default is MISSING else f" (default {f.default!r})"
+                raise ValueError(f"{key}={item!r} must be finite, not nan or inf: set a number{default}")
 
 
 @dataclass
@@ -91,6 +107,7 @@ class ModelConfig:
     """megatron dist checkpoint with the initial weights (tools/hf_to_mcore.py); None: random init."""
 
     def __post_init__(self) -> None:
+        _finite("model", self)
         _one_of("model", "arch", self.arch, ("llama", "qwen2", "qwen3"))
         _one_of("model", "params_dtype", self.params_dtype, ("float32", "bfloat16", "float16"))
         _one_of("model", "recompute", self.recompute, (None, "selective", "full"))
@@ -149,6 +166,7 @@ class ParallelConfig:
     """GPU only: keep the frozen reference in host memory between its forward passes."""
 
     def __post_init__(self) -> None:
+        _finite("parallel", self)
         _positive("parallel", world_size=self.world_size, micro_batch_size=self.micro_batch_size,
                   tensor_model_parallel_size=self.tensor_model_parallel_size,
                   pipeline_model_parallel_size=self.pipeline_model_parallel_size)
@@ -221,6 +239,7 @@ class AlgoConfig:
     overlong_penalty_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        _finite("algo", self)
         _one_of("algo", "name", self.name, ("gift", "grpo", "dapo", "gspo"))
         _one_of("algo", "advantage", self.advantage, ("grpo", "drgrpo"))
         _one_of("algo", "baseline", self.baseline, ("reference", "old"))
@@ -242,6 +261,9 @@ class AlgoConfig:
             raise ValueError("algo.group_size must be >= 2 for GIFT: z-scores need at least two samples per prompt")
         _non_negative("algo", clip_ratio_low=self.clip_ratio_low, clip_ratio_high=self.clip_ratio_high,
                       kl_coef=self.kl_coef, tis_cap=self.tis_cap)
+        if self.clip_ratio_low >= 1:
+            raise ValueError(f"algo.clip_ratio_low={self.clip_ratio_low} must be < 1: the ratio's lower clip "
+                             f"1 - clip_ratio_low must stay > 0 (0.2 is usual; GSPO's sequence ratio 3e-4)")
         if self.tis_cap and self.name == "gift":
             raise ValueError(f"algo.tis_cap={self.tis_cap}: GIFT's loss has no importance ratio to correct (it is "
                              f"defined for samples of any policy): set it to 0, or use it with grpo/dapo/gspo")
@@ -312,6 +334,7 @@ class RolloutConfig:
     else 127.0.0.1); the port is picked free at start."""
 
     def __post_init__(self) -> None:
+        _finite("rollout", self)
         _one_of("rollout", "engine", self.engine, ("vllm", "vllm_server"))
         _one_of("rollout", "on_server_failure", self.on_server_failure, ("error", "failover"))
         _one_of("rollout", "weight_sync", self.weight_sync, ("auto", "files", "nccl", "gloo"))
@@ -361,6 +384,7 @@ class DataConfig:
     warmup_batch_size: int = 128
 
     def __post_init__(self) -> None:
+        _finite("data", self)
         _one_of("data", "name", self.name, ("addition", "jsonl", "parquet"))
         _positive("data", max_prompt_length=self.max_prompt_length, num_prompts_per_step=self.num_prompts_per_step,
                   warmup_lr=self.warmup_lr, warmup_batch_size=self.warmup_batch_size)
@@ -384,12 +408,14 @@ class RewardTermConfig:
     """exact: the answer's tokens then EOS | math_verify: the final answer equals data's answer
     (GSM8K '#### N', \\boxed{}, last number; math-verify) | reward_model: an HF sequence classifier."""
     weight: float = 1.0
+    """Any finite number (negative: a penalty; 0: the term is computed and logged, not rewarded)."""
     path: str | None = None
     """reward_model: the classifier's Hugging Face folder."""
     device: str = "cpu"
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        _finite("reward.terms[]", self)
         _one_of("reward.terms[]", "kind", self.kind, REWARD_KINDS)
         _positive("reward.terms[]", batch_size=self.batch_size)
         if self.kind == "reward_model" and not self.path:
@@ -405,6 +431,7 @@ class RewardConfig:
     """Threads scoring groups while the others are still generating (server mode)."""
 
     def __post_init__(self) -> None:
+        _finite("reward", self)
         _positive("reward", num_workers=self.num_workers)
 
 
@@ -425,6 +452,7 @@ class OptimConfig:
     nonfinite); this many such steps in a row stop the run with an error."""
 
     def __post_init__(self) -> None:
+        _finite("optim", self)
         _positive("optim", lr=self.lr, max_nonfinite_steps=self.max_nonfinite_steps, adam_eps=self.adam_eps)
         _non_negative("optim", min_lr=self.min_lr, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
                       lr_warmup_steps=self.lr_warmup_steps)
@@ -468,7 +496,14 @@ class Config:
     """A model.yaml written by tools/hf_to_mcore.py (or a run's): replaces the model/ group; `model.x=...`
     on the command line still overrides its fields."""
     resume: bool = True
-    """Continue from the newest checkpoint in run_dir when there is one."""
+    """Continue from the newest checkpoint in run_dir that verifies, when there is one. false on a folder
+    that holds a run is refused unless move_old_run=true."""
+    move_old_run: bool = False
+    """With resume=false on a used run_dir: move the old run to RUN_DIR.old-DATE-TIME beside it first."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """A resume that changes what the run trains (algo.*, reward.*, the data source, the model's HF
+    folder) is refused unless each changed field or its section is listed, e.g. [algo] or [data.path];
+    allowed changes are recorded in RUN_DIR/run_history.jsonl (tools/run_history.py prints it)."""
     log_entropy: bool = True
     """Log the policy's mean token entropy each step: a full-vocabulary pass over every micro-batch's
     logits (false saves it on large vocabularies)."""
@@ -479,6 +514,7 @@ class Config:
         return self.device == "cuda" or (self.device == "auto" and _cuda_available())
 
     def __post_init__(self) -> None:
+        _finite("", self)
         _one_of("", "device", self.device, ("auto", "cpu", "cuda"))
         _one_of("", "log_level", self.log_level, ("WARNING", "INFO", "DEBUG"))
         _non_negative("", seed=self.seed)
@@ -486,6 +522,11 @@ class Config:
                   keep_last_checkpoints=self.keep_last_checkpoints)
         if self.eval_num_samples < 0 or self.eval_num_samples == 1:
             raise ValueError(f"eval_num_samples={self.eval_num_samples}: use 0 (greedy only) or k >= 2 (avg@k, pass@k)")
+        for allowed in self.resume_allow_changes:
+            section, _, key = allowed.partition(".")
+            if section not in MEANING or (key and MEANING[section] is not None and key not in MEANING[section]):
+                raise ValueError(f"resume_allow_changes: {allowed!r} is not a field that defines what a run trains: "
+                                 f"use one of the sections {sorted(MEANING)} or a field in them")
         _check_layout(self)
         _check_rollout(self)
         _check_context(self)

@@ -4,8 +4,66 @@ TensorBoard (RUN_DIR/tb); a resumed run first drops what a crashed run logged pa
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+EXCERPT_CHARS = 60
+
+
+def _parse_row(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """One line of metrics.jsonl -> (the row, "") or (None, what is wrong with it)."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 ({e.reason}: byte {e.start + 1})"
+    except json.JSONDecodeError as e:  # e.g. the last line of a run killed while writing it
+        return None, f"not JSON ({e.msg}: column {e.colno})"
+    if not isinstance(row, dict):
+        return None, f"not an object ({type(row).__name__})"
+    if not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+        return None, f'no int "step" (step={row.get("step")!r})'
+    return row, ""
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line, row) of every valid row, in file order. A damaged line (a torn write, disk garbage,
+    a row without an int step) anywhere is logged with its line and an excerpt and left out: the rows
+    after it are kept. Blank lines carry nothing and are skipped."""
+    rows = []
+    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        row, problem = _parse_row(raw)
+        if row is None:
+            excerpt = raw[:EXCERPT_CHARS].decode("utf-8", errors="replace")
+            log.warning("%s:%d: damaged metrics row removed, %s: %r%s", path, line_no, problem, excerpt,
+                        "..." if len(raw) > EXCERPT_CHARS else "")
+            continue
+        rows.append((line_no, row))
+    return rows
+
+
+def _latest_timeline(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+    """The rows in file order, with steps strictly increasing. A step at or below one already seen means
+    the file was written again from an earlier point (a restart that skipped `rewind`, or a second run
+    writing to the same folder): the later rows win, and every earlier row at or past that step (an
+    abandoned timeline; a duplicate step is the simplest case) is dropped with a warning naming the steps.
+    Keeping only the last row of each duplicated step instead would leave an abandoned run's later steps
+    in place, out of order with the new run's."""
+    kept: list[tuple[int, dict[str, Any]]] = []
+    for line_no, row in rows:
+        dropped = []
+        while kept and kept[-1][1]["step"] >= row["step"]:
+            dropped.append(kept.pop()[1]["step"])
+        if dropped:
+            log.warning("%s:%d: step %d logged again (a restarted or second run writing here): keeping the "
+                        "later rows, removing the earlier rows of steps %s", path, line_no, row["step"],
+                        sorted(dropped))
+        kept.append((line_no, row))
+    return kept
 
 
 class MetricsLog:
@@ -29,15 +87,12 @@ class MetricsLog:
 
     def rewind(self, step: int) -> None:
         """Rank 0: drop what an earlier (crashed) run in this folder logged after `step`, where this run
-        starts: those steps run again. A fresh start (step 0) keeps nothing."""
+        starts: those steps run again. A fresh start (step 0) keeps nothing. Every valid row up to `step`
+        is kept; damaged lines and rows superseded by a restart are logged (`_read_rows`, `_latest_timeline`)
+        and removed from the file."""
         if self.path.exists():
-            rows = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # the last line of a run killed while writing it
-                    break
-            self.history = [r for r in rows if r["step"] <= step] if step else []
+            rows = [(n, r) for n, r in _read_rows(self.path) if r["step"] <= step] if step else []
+            self.history = [r for _, r in _latest_timeline(self.path, rows)]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
             os.replace(tmp, self.path)

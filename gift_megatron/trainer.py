@@ -38,6 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gift_megatron.algo import build_group_statistics, build_loss
 from gift_megatron.config import Config
+from gift_megatron.faults import maybe_fail
 from gift_megatron.manifest import CorruptCheckpoint
 from gift_megatron.megatron.checkpoint import STATE, architecture, load_checkpoint, read_state, save_checkpoint
 from gift_megatron.megatron.policy import Policy, copy_weights, move_chunks
@@ -135,6 +136,7 @@ class Trainer:
         """One RL step (the module docstring's 1-5); its metrics, the rollout's on rank 0 only."""
         n, timer, algo = self.state.step + 1, PhaseTimer(), self.cfg.algo
         rollout = self.rollouts.next() if self.rank0 else None  # 1. scored groups with A
+        maybe_fail("step_rollout", n)
         metrics = dict(rollout.metrics) if rollout else {}
         batch, version = self._shard(rollout)  # 2.
         metrics["staleness"] = float(n - 1 - version)  # policy versions between generating and training weights
@@ -146,6 +148,7 @@ class Trainer:
         if self._verified(n) and version != n - 1:
             with timer("verify"):
                 metrics |= self._verify_ahead(n)
+        maybe_fail("step_logprobs", n)
         with timer("train"):  # 4. the loss: self.loss
             updates = train_rollout_batch(self.policy, self.loss, batch, num_mini_batches=algo.num_mini_batches,
                                           micro_batch_size=self.batching, temperature=self.cfg.rollout.temperature,
@@ -158,7 +161,9 @@ class Trainer:
         self.state.last_update_skipped = applied < len(updates)
         metrics["tokens"] = sum(u["tokens"] for u in updates)  # sequence positions trained, all DP ranks
         metrics["trainer_tokens_per_s"] = metrics["tokens"] / sum(timer.seconds.values())
+        maybe_fail("step_train", n)
         metrics |= self.sync_weights(n)  # 5.
+        maybe_fail("step_sync", n)
         if self.reference is not None and algo.reference_refresh_every and n % algo.reference_refresh_every == 0:
             copy_weights(self.policy.chunks, self.reference)
         self.state.step = n
@@ -318,6 +323,7 @@ class Trainer:
         n = self.state.step
         self.nonfinite.count(metrics)
         if self.rank0 and evals_on and (n % cfg.eval_every == 0 or n == cfg.num_steps):
+            maybe_fail("eval", n)
             metrics |= self._evaluate()
         self.metrics.add(n, metrics)
         self.nonfinite.check(n)

@@ -251,3 +251,70 @@ def test_the_sweep_covers_the_schema():
 def test_zero_and_out_of_range_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         compose_config(override)
+
+
+def _float_fields(schema, prefix: str = ""):
+    """Every float field (`float` or `float | None`) of the schema by its key, walking nested dataclasses and
+    lists of them (`reward.terms[].weight`): a field added later is swept without listing it."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            yield from _float_fields(kind, f"{prefix}{f.name}.")
+        elif typing.get_origin(kind) is list and args and dataclasses.is_dataclass(args[0]):
+            yield from _float_fields(args[0], f"{prefix}{f.name}[].")
+        elif float in (args or (kind,)):
+            yield f"{prefix}{f.name}"
+
+
+FLOATS = list(_float_fields(Config))
+
+
+def _override(key: str, value: str) -> str:
+    """The command-line override that sets `key` (`a.b`, or `a.items[].b` as a one-item list) to value."""
+    if "[]." not in key:
+        return f"{key}={value}"
+    items, field_name = key.split("[].")
+    return f"{items}=[{{{field_name}:{value}}}]"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOATS)
+def test_every_float_field_rejects_non_finite_values_naming_the_key(key, value):
+    """Through Hydra composition, as `gift-train` gets them: nan used to pass every `value <= 0` check and
+    inf every `> 0` one, to fail later (AdamW, NaN losses) without naming the key."""
+    with pytest.raises(ValueError) as err:
+        compose_config(_override(key, value))
+    assert f"{key}={value} must be finite" in str(err.value), str(err.value)
+
+
+def test_the_float_sweep_covers_the_schema():
+    assert len(FLOATS) > 25, FLOATS
+    assert {"optim.lr", "optim.adam_beta1", "rollout.max_logprob_mismatch", "reward.terms[].weight",
+            "algo.tis_cap", "data.warmup_lr", "model.norm_epsilon"} <= set(FLOATS)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=inf", "optim.lr=inf must be finite"),
+    ("optim.lr=nan", "optim.lr=nan must be finite"),
+    ("optim.adam_beta1=1.0", r"optim.adam_beta1=1.0 must be in \[0, 1\)"),
+    ("algo.clip_ratio_low=1.0", r"algo.clip_ratio_low=1.0 must be < 1"),
+    ("reward.terms=[{kind:exact,weight:inf}]", r"reward.terms\[\].weight=inf must be finite"),
+])
+def test_non_finite_and_out_of_range_floats_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        compose_config(override)
+
+
+def test_range_checks_are_nan_safe():
+    """NaN compares false both ways: the checks must be written so that false means "reject"."""
+    from gift_megatron.config import _non_negative, _positive, _within
+
+    nan = float("nan")
+    for check in (lambda: _positive("s", x=nan), lambda: _non_negative("s", x=nan),
+                  lambda: _within("s", "x", nan, 0, 1)):
+        with pytest.raises(ValueError, match="s.x=nan"):
+            check()

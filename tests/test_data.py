@@ -96,3 +96,65 @@ def test_sampler_property_every_epoch_is_a_permutation(n, seed, sizes):
     for start in range(0, len(drawn) - n + 1, n):
         assert sorted(drawn[start:start + n]) == list(range(n))
     assert all(0 <= i < n for i in drawn)
+
+
+def _bytes_jsonl(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+GOOD = b'{"prompt": "1+1=", "answer": "2"}'
+
+
+@pytest.mark.parametrize("bad", [
+    b'{"prompt": "caf\xe9 1+1=", "answer": "2"}',  # Latin-1 / cp1252 text
+    b'{"prompt": "1+1=", "answer": "\xff\xfe"}',  # stray bytes
+    b'{"prompt": "1+1=", "answer": "\xe2\x82"}',  # a multi-byte character cut short
+], ids=["latin1", "stray-bytes", "cut-character"])
+def test_invalid_utf8_names_file_line_and_the_fix(tmp_path, tokenizer, bad):
+    """Used to be a bare UnicodeDecodeError (`... in position 775`) with no file or line."""
+    f = _bytes_jsonl(tmp_path / "p.jsonl", [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(ValueError) as err:
+        load_prompts(f, tokenizer)
+    message = str(err.value)
+    assert "p.jsonl:3: not valid UTF-8" in message and "re-encode the file as UTF-8" in message, message
+
+
+def test_a_lone_surrogate_escape_names_file_line_and_field(tmp_path, tokenizer):
+    r"""`\ud83d` (half of an emoji, e.g. from text cut mid-character) is valid JSON but no character: the
+    tokenizer failed with a bare TypeError."""
+    f = _bytes_jsonl(tmp_path / "p.jsonl", [GOOD, b'{"prompt": "1+1=\\ud83d", "answer": "2"}'])
+    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'prompt' holds a lone surrogate \\ud83d"):
+        load_prompts(f, tokenizer)
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, tokenizer):
+    """Files saved by some Windows editors start with EF BB BF; it was "malformed JSON" on line 1."""
+    f = _bytes_jsonl(tmp_path / "p.jsonl", [b"\xef\xbb\xbf" + GOOD, GOOD])
+    assert [p.text for p in load_prompts(f, tokenizer)] == ["1+1=", "1+1="]
+
+
+def test_invalid_utf8_in_a_parquet_string_column_names_file_row_and_column(tmp_path, tokenizer):
+    """Parquet writers outside pyarrow may store non-UTF-8 bytes in a string column: to_pylist raised a bare
+    UnicodeDecodeError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = pa.array([b"1+1=", b"2+2=", b"caf\xe9"], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": prompts, "answer": ["2", "4", "x"]}), tmp_path / "p.parquet")
+    with pytest.raises(ValueError) as err:
+        load_prompts(tmp_path / "p.parquet", tokenizer)
+    message = str(err.value)
+    assert "p.parquet:3: column 'prompt' is not valid UTF-8" in message and "re-encode" in message, message
+
+
+def test_eval_path_errors_name_the_eval_file(tmp_path, tokenizer):
+    """data.eval_path goes through the same reader: its encoding errors name it, not data.path."""
+    from gift_megatron.config import DataConfig
+    from gift_megatron.rollout.tasks import _file_task
+
+    train = _bytes_jsonl(tmp_path / "train.jsonl", [GOOD] * 3)
+    held_out = _bytes_jsonl(tmp_path / "eval.jsonl", [GOOD, b'{"prompt": "\xe9", "answer": "1"}'])
+    data = DataConfig(name="jsonl", path=str(train), eval_path=str(held_out), tokenizer="unused")
+    with pytest.raises(ValueError, match="eval.jsonl:2: not valid UTF-8"):
+        _file_task(data, tokenizer)

@@ -21,14 +21,50 @@ class Prompt:
     row: int  # 1-based line (JSONL) or row (Parquet) in the source file
 
 
-def _rows(path: Path) -> list[tuple[int, Any]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _jsonl_line(path: Path, line_no: int, raw: bytes) -> str:
+    """One line's text; a UTF-8 byte order mark on the first line is dropped (some Windows editors write one)."""
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        utf16 = line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        source = "utf-16" if utf16 else "cp1252"  # cp1252: the usual non-UTF-8 text (Windows, Latin-1)
+        raise ValueError(f"{path}:{line_no}: not valid UTF-8{' (the file is UTF-16)' if utf16 else ''} "
+                         f"({e.reason} at byte {e.start + 1} of the line: {raw[max(e.start - 20, 0):e.end + 20]!r}); "
+                         f"re-encode the file as UTF-8, e.g. iconv -f {source} -t utf-8 IN > OUT") from None
 
-        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+
+def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
+    """(1-based row, record) of every row; a string cell that is not UTF-8 names its row and column."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    try:
+        return list(enumerate(table.to_pylist(), start=1))
+    except UnicodeDecodeError:  # a string column holding non-UTF-8 bytes (written by another tool)
+        _raise_on_bad_utf8_cell(path, table)
+        raise
+
+
+def _raise_on_bad_utf8_cell(path: Path, table) -> None:
+    """The error naming the row and column of a string cell that does not decode (the slow path, on error only)."""
+    for name in table.column_names:
+        for row, value in enumerate(table.column(name), start=1):
+            try:
+                value.as_py()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{row}: column {name!r} is not valid UTF-8 ({e.reason}: {e.object[:40]!r}); "
+                                 f"re-encode the column as UTF-8 text (decode its bytes with their codec, e.g. pandas "
+                                 f".str.decode('cp1252'), and write the file again)") from None
+
+
+def _rows(path: Path) -> list[tuple[int, Any]]:
+    """(1-based line or row, record) of every non-blank row; undecodable or malformed ones name file:line."""
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _jsonl_line(path, line_no, raw)
             if not line.strip():
                 continue
             try:
@@ -47,7 +83,14 @@ def _field(path: Path, row: int, record: Any, name: str) -> str:
     value = record[name]
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"{path}:{row}: field {name!r} must be text, got {type(value).__name__}")
-    return str(value)
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a JSON escape like \ud83d: half of a UTF-16 pair, e.g. text cut mid-emoji
+        raise ValueError(f"{path}:{row}: field {name!r} holds a lone surrogate "
+                         f"{text[e.start].encode('unicode_escape').decode()} at character {e.start + 1}, half of "
+                         f"a character (text cut inside an emoji?): fix or remove it") from None
+    return text
 
 
 def encode_prompt(tokenizer, text: str, use_chat_template: bool) -> list[int]:
