@@ -197,3 +197,54 @@ def test_a_full_disk_is_named_with_the_folder_and_bytes_and_the_partial_write_re
     assert out["after_restart"] == (None, [])
     assert out["before_write"].startswith(f"no space left on {small}: a checkpoint needs about {out['size']:,} bytes")
     assert out["kept"] == ["step_00000001"]  # nothing half-written beside it
+
+
+def _unverifiable_worker(rank, world, root):
+    """Four checkpoints, each unusable in its own way but the first: step 2's weights are NaN, step 3 lost
+    its manifest, step 4 holds a file its manifest does not list. keep_last=1 when step 2 is saved:
+    retention must still keep step 1, the newest good one."""
+    import torch
+
+    from gift_megatron.megatron.checkpoint import save_checkpoint, select_checkpoint
+
+    root = Path(root)
+    policy = W.setup(W.make_config(world))
+    save_checkpoint(root, 1, policy, {}, keep_last=1)
+    with torch.no_grad():
+        next(policy.chunks[0].parameters()).view(-1)[0] = float("nan")
+    save_checkpoint(root, 2, policy, {}, keep_last=1, run_state={"update_skipped": False})
+    kept = sorted(p.name for p in root.iterdir())
+    with torch.no_grad():
+        next(policy.chunks[0].parameters()).view(-1)[0] = 0.0
+    save_checkpoint(root, 3, policy, {}, keep_last=4)  # (with keep_last=1, step 3, finite, would retire 1)
+    save_checkpoint(root, 4, policy, {}, keep_last=4)
+    (root / "step_00000003" / MANIFEST).unlink()
+    (root / "step_00000004" / "extra.pt").write_bytes(b"added later")
+    seen = _records()
+    chosen = select_checkpoint(root)
+    return {"kept_after_nan": kept, "kept": sorted(p.name for p in root.iterdir()), "chosen": chosen.name,
+            "logged": "\n".join(seen)}
+
+
+def test_resume_loads_only_what_verifies_and_retention_keeps_the_newest_good_checkpoint(tmp_path):
+    """No unverified load: a missing manifest or an unlisted file makes a checkpoint not intact (before: a
+    missing manifest was loaded "unverified", an unlisted file with no warning); non-finite weights are
+    never resumed, and never displace the newest finite checkpoint under retention (before: pruned)."""
+    root = tmp_path / "checkpoints"
+    out = run_distributed(_unverifiable_worker, 1, str(root))[0]
+    assert out["kept_after_nan"] == ["step_00000001", "step_00000002"]  # keep_last=1, yet step 1 stays
+    assert out["chosen"] == "step_00000001"
+    logged = out["logged"]
+    assert f"{root}/step_00000004/extra.pt: not in the manifest" in logged
+    assert f"{root}/step_00000003: no manifest.json, so it cannot be verified" in logged
+    assert f"--sign {root}/step_00000003" in logged
+    assert f"{root}/step_00000002: its weights are not finite" in logged
+    # the skipped ones are kept under names that never load or count again; step 1 is where the run goes on
+    assert [n.split("-")[1] for n in out["kept"] if n.startswith("abandoned-")] == \
+        ["step_00000002", "step_00000003", "step_00000004"]
+    assert "step_00000001" in out["kept"]
+    # a user who trusts one signs it explicitly, and then it verifies
+    lost = next(root.glob("abandoned-step_00000003-*"))
+    signed = subprocess.run([*VERIFY, "--sign", str(lost)], capture_output=True, text=True, timeout=60)
+    assert signed.returncode == 0 and signed.stdout.startswith(f"was: {lost}: no manifest.json"), signed.stdout
+    assert verify_folder(lost) == [] and not (lost / ".gift.lock").exists()

@@ -305,7 +305,7 @@ def _publish(tmp: Path, final: Path, keep_last: int) -> None:
 def _good(path: Path) -> bool:
     """Finite weights, and the step's update was not skipped for a NaN/Inf (model-only checkpoints count)."""
     state = read_state(path)
-    return state is None or (state.get("weights_finite", False) and not state.get("update_skipped", True))
+    return state is None or (state.get("weights_finite", False) and not state.get("update_skipped", False))
 
 
 def retired(checkpoints: list[Path], keep_last: int) -> list[Path]:
