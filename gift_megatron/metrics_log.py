@@ -66,6 +66,12 @@ def _latest_timeline(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> list
     return kept
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The valid rows of a metrics.jsonl, one per step in order (damaged lines and abandoned timelines
+    left out, with warnings): for tools that read a run's metrics (the file is not changed)."""
+    return [row for _, row in _latest_timeline(Path(path), _read_rows(Path(path)))]
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, *, writes: bool) -> None:
         self.path, self.writes, self.history = run_dir / "metrics.jsonl", writes, []

@@ -5,7 +5,7 @@
 """
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -13,13 +13,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gift_megatron.metrics_log import read_metrics  # noqa: E402
+
 PANELS = [("reward", "training reward"), ("eval_accuracy", "held-out accuracy (greedy)"),
           ("log_beta_median", "log beta(x) median (p10-p90 band)"), ("logprob_diff_max", "max |vLLM - trainer| logp"),
           ("grad_norm", "grad norm"), ("time_generate", "seconds per phase")]
 
 
 def load(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)  # a torn line is named and left out, not a crash
 
 
 def plot(runs: dict[str, list[dict]], out: Path) -> None:
