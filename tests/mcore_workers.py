@@ -42,7 +42,7 @@ MAX_TOKENS = 20  # token-budget micro-batches of 1 to 3 samples (sequences of 6 
 
 
 def make_config(world, tp=1, pp=1, vpp=None, num_micro_batches=1, algo="gift", model=None, lr=1e-3,
-                max_tokens=0, pack=False) -> Config:
+                max_tokens=0, pack=False, adam_eps=1e-8) -> Config:
     dp = world // (tp * pp)
     return Config(
         model=model or test_model(),
@@ -52,7 +52,7 @@ def make_config(world, tp=1, pp=1, vpp=None, num_micro_batches=1, algo="gift", m
                                 max_tokens_per_micro_batch=max_tokens, sequence_packing=pack),
         algo=AlgoConfig(group_size=G, **ALGOS[algo]),
         data=DataConfig(num_prompts_per_step=P, max_prompt_length=PROMPT_LEN),
-        optim=OptimConfig(lr=lr, clip_grad=1.0), device="cpu",
+        optim=OptimConfig(lr=lr, adam_eps=adam_eps, clip_grad=1.0), device="cpu",
         rollout=RolloutConfig(engine="vllm_server", max_new_tokens=S - PROMPT_LEN),  # (several ranks need servers)
     )
 

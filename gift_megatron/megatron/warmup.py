@@ -82,13 +82,13 @@ def exact_accuracy(model, tokens: torch.Tensor, mask: torch.Tensor, vocab_size: 
 def supervised_warmup(model, train: tuple[torch.Tensor, torch.Tensor], held_out: tuple[torch.Tensor, torch.Tensor],
                       *, vocab_size: int, lr: float = 1e-3, batch_size: int = 128, max_steps: int = 400,
                       target_accuracy: float = 0.15, eval_every: int = 10, seed: int = 0,
-                      max_tokens: int = 0) -> dict[str, float]:
+                      max_tokens: int = 0, adam_eps: float = 1e-8) -> dict[str, float]:
     """Train `model` (one GPTModel chunk, one process) in place; returns steps, accuracy, nll.
     `max_tokens` > 0: each batch in token-budget micro-batches (gradients accumulated; the same loss)."""
     assert parallel_state.get_tensor_model_parallel_world_size() == 1, "warm-up runs in one process"
     assert parallel_state.get_pipeline_model_parallel_world_size() == 1, "warm-up runs in one process"
     tokens, mask = train
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, eps=adam_eps)
     g = torch.Generator().manual_seed(seed)
     accuracy = partial(exact_accuracy, model, *held_out, vocab_size, max_tokens=max_tokens)
     acc, nll, step = accuracy(), float("nan"), 0
