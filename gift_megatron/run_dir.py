@@ -65,6 +65,17 @@ class RunLock:
         self._file = f
         return self
 
+    def held(self) -> bool:
+        """Whether the lock file at `path` is still the one this process locked: deleted, replaced or moved
+        away, another process could lock the folder too (so a run stops before its next write)."""
+        if self._file is None:
+            return False
+        try:
+            on_disk, mine = os.stat(self.path), os.fstat(self._file.fileno())
+        except FileNotFoundError:
+            return False
+        return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
+
     def release(self) -> None:
         if self._file is not None:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)

@@ -51,7 +51,7 @@ from gift_megatron.rollout.batch import RolloutBatch
 from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.stage import Rollout, RolloutStage
 from gift_megatron.rollout.verify import DEFAULT_MAX_MISMATCH, MismatchAlarm
-from gift_megatron.run_dir import RunLock
+from gift_megatron.run_dir import LOCK_NAME, RunDirBusy, RunLock
 from gift_megatron.stop import Preempted, StopFlag
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,7 @@ class Trainer:
         """Collective, at a step boundary only. With rollouts ahead, rank 0 adds the batches generated but
         not yet trained. state.json records what `resume` cross-checks: the step, the optimizer steps,
         the sampler, the pending batches, and what the run trains."""
+        self._check_lock()
         files, pending = {}, {"count": 0, "versions": []}
         if self.rank0 and isinstance(self.rollouts, RolloutsAhead):
             batches, sampler = self.rollouts.pending()
@@ -257,6 +258,17 @@ class Trainer:
                         {"sampler": sampler, "architecture": architecture(self.cfg.model)},
                         keep_last=self.cfg.keep_last_checkpoints, reference=self._checkpointed_reference(),
                         rank0_files=files, run_state=run_state)
+
+    def _check_lock(self) -> None:
+        """Collective: stop before writing when rank 0 no longer holds run_dir's lock (its lock file was
+        deleted or replaced, or the folder moved: another process may be writing there)."""
+        lost = torch.tensor([self.lock is not None and not self.lock.held()], dtype=torch.long)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(lost, op=dist.ReduceOp.MAX)
+        if lost.item():
+            raise RunDirBusy(f"{self.run_dir / LOCK_NAME} was deleted, replaced or moved while this run held it: "
+                             f"another process may be using {self.run_dir}, so nothing more is written there. "
+                             f"Check what else uses the folder, then rerun the command to resume")
 
     def resume(self) -> None:
         """Collective: every rank loads the checkpoint build chose (the newest that verifies), if any; the

@@ -146,7 +146,8 @@ def test_a_resume_that_changes_the_algorithm_is_refused_unless_allowed(tmp_path,
 
 
 def test_the_lock_is_exclusive_and_released_when_its_holder_dies(tmp_path):
-    """flock: a second holder is refused naming the first; a SIGKILLed holder releases it at once."""
+    """flock: a second holder is refused naming the first; a SIGKILLed holder releases it at once; a lock
+    file deleted under its holder is noticed (the trainer checks before every checkpoint write)."""
     with RunLock(tmp_path).acquire("first"):
         with pytest.raises(RunDirBusy, match=f'in use by another process: .*"pid": {os.getpid()}.*"what": "first"'):
             RunLock(tmp_path).acquire("second")
@@ -159,7 +160,13 @@ def test_the_lock_is_exclusive_and_released_when_its_holder_dies(tmp_path):
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     holder.stdout.close()
-    RunLock(tmp_path).acquire("parent").release()
+    lock = RunLock(tmp_path).acquire("parent")
+    assert lock.held()
+    (tmp_path / LOCK_NAME).unlink()  # someone deletes the lock file: a second process could now lock it too
+    assert not lock.held()
+    RunLock(tmp_path).acquire("intruder")
+    lock.release()
+    assert not lock.held()
 
 
 def test_what_a_run_means_and_what_may_change():
@@ -172,3 +179,22 @@ def test_what_a_run_means_and_what_may_change():
     assert refused_changes(changes, ["algo"]) == {"data.path": ("a.jsonl", "b.jsonl")}
     assert refused_changes(changes, ["algo", "data.path"]) == {}
     assert refused_changes(changes, ["algo.name_x", "dat"]) == changes  # prefixes must be whole fields
+
+
+def test_a_run_whose_lock_file_is_deleted_stops_before_its_next_write(tmp_path):
+    """Deleting RUN_DIR/.gift.lock under a live run would let a second run lock the folder too: the run
+    notices before its next checkpoint and stops without writing it."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "gift_megatron.train", f"run_dir={run}", *STRAIGHT], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").exists() and '"step": 1,' in (run / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        (run / LOCK_NAME).unlink()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and f"{run / LOCK_NAME} was deleted, replaced or moved" in out, out[-3000:]
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob("step_*"))
