@@ -255,3 +255,17 @@ def test_every_hf_name_is_mapped_once_for_each_family():
         assert len(names) == len(set(names))
         per_layer = {"llama": 9, "qwen2": 12, "qwen3": 11}[arch]
         assert len(names) == 3 * per_layer + 3  # + embed, norm, lm_head (untied)
+
+
+def test_a_conversion_into_a_folder_in_use_is_refused(tmp_path):
+    """The output folder is locked while a conversion writes it (run_dir.RunLock): a second writer, or a
+    run holding the folder, makes the conversion refuse before it writes anything."""
+    from gift_megatron.megatron.conversion import hf_to_mcore
+    from gift_megatron.run_dir import LOCK_NAME, RunDirBusy, RunLock
+
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    save_tiny_model("llama", str(hf))
+    with RunLock(out).acquire("another writer"):
+        with pytest.raises(RunDirBusy, match='in use by another process: .*"what": "another writer"'):
+            hf_to_mcore(hf, out, progress=False)
+    assert [p.name for p in out.iterdir()] == [LOCK_NAME]
