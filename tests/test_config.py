@@ -131,6 +131,12 @@ ERRORS = [
     (["algo.clip_ratio_low=-0.1"], "algo.clip_ratio_low=-0.1 must be >= 0"),
     (["rollout.engine=sglang"], "rollout.engine='sglang' is not supported"),
     (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
+    # found by tests/test_config_fuzz.py: each passed composition and failed after start-up
+    (["rollout.top_p=0.9"], "rollout.top_p=0.9: the engine's log-probs would be of the top-p renormalised"),
+    (["data.num_eval_prompts=0"], "data.num_eval_prompts=0: the addition task holds out 1 to 8099"),
+    (["rollout.request_timeout_s=1e30"], "rollout.request_timeout_s=1e+30 must be in (0, 10000000.0]"),
+    (["parallel=tp2", "parallel.sequence_parallel=true", "device=cpu"],
+     "parallel.sequence_parallel needs Transformer Engine (or apex) norms on a GPU"),
     (["rollout.verify_every=-1"], "rollout.verify_every=-1: use N >= 1"),
     (["algo=grpo", "algo.reference_refresh_every=10"], "algo grpo uses no reference"),
     (["rollout.max_staleness=-1"], "rollout.max_staleness=-1 must be >= 0"),
