@@ -31,3 +31,14 @@ def straight_run(tmp_path_factory):
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, explain(proc)
     return run_dir, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def straight_ahead_run(tmp_path_factory):
+    """The same 4-step run with rollouts ahead (rollout.max_staleness=1), uninterrupted: the reference of
+    the resume tests at k = 1 (test_faults, test_fault_fuzz). Returns its run_dir."""
+    run_dir = tmp_path_factory.mktemp("straight_ahead") / "run"
+    proc = subprocess.run([sys.executable, "-m", "gift_megatron.train", f"run_dir={run_dir}", *STRAIGHT,
+                           "rollout.max_staleness=1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, explain(proc)
+    return run_dir

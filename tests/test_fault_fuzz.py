@@ -92,15 +92,6 @@ def trial(run_dir: Path, straight: Path, extra: tuple, kind: str, fault: str) ->
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), (fault, [k for k in a if not a[k].equal(b[k])])
 
 
-@pytest.fixture(scope="module")
-def straight_ahead(tmp_path_factory):
-    """The uninterrupted run at rollout.max_staleness=1."""
-    run_dir = tmp_path_factory.mktemp("straight_ahead") / "run"
-    proc = _run(run_dir, ("rollout.max_staleness=1",), None)
-    assert proc.returncode == 0, explain(proc)
-    return run_dir
-
-
 def test_moments_and_draws_are_what_a_run_reaches():
     at = moments()
     assert at[:4] == [("step_rollout", 1), ("step_logprobs", 1), ("step_train", 1), ("step_sync", 1)]
@@ -119,9 +110,9 @@ def test_random_fault_then_rerun_equals_the_uninterrupted_run(trial_index, tmp_p
     trial(tmp_path / "run", straight_run[0], (), kind, fault)
 
 
-def test_random_fault_with_rollouts_ahead(tmp_path, straight_ahead):
+def test_random_fault_with_rollouts_ahead(tmp_path, straight_ahead_run):
     """rollout.max_staleness=1: batches generated ahead are part of the state at a step boundary."""
     rng = random.Random(SEED * 100_003 + 99_991)
     kind, fault = draw(rng)
     print(json.dumps({"seed": SEED, "kind": kind, "fault": fault, "max_staleness": 1}))
-    trial(tmp_path / "run", straight_ahead, ("rollout.max_staleness=1",), kind, fault)
+    trial(tmp_path / "run", straight_ahead_run, ("rollout.max_staleness=1",), kind, fault)

@@ -161,15 +161,13 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, stra
     assert sorted(Path(os.environ["GIFT_WARMUP_CACHE"]).iterdir()) == warmups
 
 
-def test_rollouts_ahead_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+def test_rollouts_ahead_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, straight_ahead_run):
     """rollout.max_staleness=1 (batch n generated with version n - 2 on a background thread): checkpoint 2
     holds batch 3, generated ahead with version 1, and maybe batch 4 (version 2); the trainer's PID alone
     killed inside step 4 (mid-round or mid-step) -> the resume takes them back instead of generating them
     from the checkpoint's weights (version 2), and the run ends as the uninterrupted one did, bit for bit."""
     ahead = ("rollout.max_staleness=1",)
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    proc = subprocess.run(_cmd(straight, *ahead), cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, explain(proc)
+    straight, crashed = straight_ahead_run, tmp_path / "crashed"
     _kill_when(crashed, lambda d: (d / "checkpoints" / "step_00000002").is_dir() and _logged(3)(d),
                only_trainer=True, extra=ahead)
     from gift_megatron.rollout.ahead import load_pending
