@@ -468,6 +468,8 @@ class OptimConfig:
         _positive("optim", lr=self.lr, max_nonfinite_steps=self.max_nonfinite_steps, adam_eps=self.adam_eps)
         _non_negative("optim", min_lr=self.min_lr, weight_decay=self.weight_decay, clip_grad=self.clip_grad,
                       lr_warmup_steps=self.lr_warmup_steps)
+        _within("optim", "lr", self.lr, 0, 1, low_open=True)  # beyond 1 an Adam step overflows the weights
+        _within("optim", "weight_decay", self.weight_decay, 0, 1)
         _within("optim", "adam_beta1", self.adam_beta1, 0, 1, high_open=True)
         _within("optim", "adam_beta2", self.adam_beta2, 0, 1, high_open=True)
         _one_of("optim", "lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))

@@ -40,7 +40,14 @@ from gift_megatron.algo import build_group_statistics, build_loss
 from gift_megatron.config import Config
 from gift_megatron.faults import maybe_fail
 from gift_megatron.manifest import CorruptCheckpoint
-from gift_megatron.megatron.checkpoint import STATE, architecture, load_checkpoint, read_state, save_checkpoint
+from gift_megatron.megatron.checkpoint import (
+    STATE,
+    architecture,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    weights_finite,
+)
 from gift_megatron.megatron.policy import Policy, copy_weights, move_chunks
 from gift_megatron.megatron.sharding import broadcast_rollout, dp_shard, logprob_mismatch
 from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_rollout_batch
@@ -161,6 +168,10 @@ class Trainer:
         self.state.last_update_skipped = applied < len(updates)
         metrics["tokens"] = sum(u["tokens"] for u in updates)  # sequence positions trained, all DP ranks
         metrics["trainer_tokens_per_s"] = metrics["tokens"] / sum(timer.seconds.values())
+        if not weights_finite(self.policy.chunks):  # a finite gradient can still overflow the weights (huge lr)
+            raise NonFiniteError(f"step {n}'s update left the policy's weights non-finite (NaN/Inf): lower optim.lr "
+                                 f"(or optim.weight_decay); the last checkpoint in {self.run_dir / 'checkpoints'} "
+                                 f"holds the last good weights, and the engine never got these")
         maybe_fail("step_train", n)
         metrics |= self.sync_weights(n)  # 5.
         maybe_fail("step_sync", n)

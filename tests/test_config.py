@@ -132,6 +132,8 @@ ERRORS = [
     (["rollout.engine=sglang"], "rollout.engine='sglang' is not supported"),
     (["rollout.top_p=1.5"], "rollout.top_p=1.5 must be in (0, 1]"),
     # found by tests/test_config_fuzz.py: each passed composition and failed after start-up
+    (["optim.lr=1e30"], "optim.lr=1e+30 must be in (0, 1]"),
+    (["optim.weight_decay=2"], "optim.weight_decay=2.0 must be in [0, 1]"),
     (["rollout.top_p=0.9"], "rollout.top_p=0.9: the engine's log-probs would be of the top-p renormalised"),
     (["data.num_eval_prompts=0"], "data.num_eval_prompts=0: the addition task holds out 1 to 8099"),
     (["rollout.request_timeout_s=1e30"], "rollout.request_timeout_s=1e+30 must be in (0, 10000000.0]"),
