@@ -174,7 +174,7 @@ def named_keys(message: str) -> set[str]:
     """Schema keys a message names: by dotted path, or by an identifier-like leaf name (with a "_",
     e.g. pipeline_model_parallel_size) as a word of its own."""
     leaf = lambda k: k.rsplit(".", 1)[-1]  # noqa: E731
-X
+    alone = r"(?<!\w)(?<!\w\.)"  # not inside a longer name (e.g. "lr" in "optim.lr", "optim.lr" in "x.optim.lr")
     return {k for k in SCHEMA_KEYS if re.search(rf"{alone}{re.escape(k)}\b", message)
             or ("_" in leaf(k) and re.search(rf"{alone}{re.escape(leaf(k))}\b", message))}
 
