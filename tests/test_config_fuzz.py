@@ -93,12 +93,12 @@ SOMETIMES = {  # each drawn with probability 0.15 from its (valid) values
     "rollout.on_server_failure": ["failover"], "rollout.weight_sync_bucket_mb": [0.05], "log_all_ranks": [True],
     "parallel.offload_reference": [True], "reward.num_workers": [1], "algo.max_sampling_rounds": [1], "device": ["cpu"],
 }
-# Product bugs this fuzzer found, reported and not fixed yet: (what, draws it covers, the failure's text). Such a
+# Product bugs this fuzzer found and not fixed yet: (what, draws it covers, the failure's text). Such a
 # draw that fails that way is an expected failure (xfail); once refused at composition it passes as any other.
 # Fixed so far (refused at composition since e8cc4a6, ef73ec8): num_eval_prompts=0 on the addition task,
 # sequence_parallel on CPU, rollout.top_p < 1 against the log-prob check, timeouts of 1e30 s, optim.lr and
 # optim.weight_decay of 1e30 (outputs non-finite after a finite update; the server then answered HTTP 400).
-KNOWN: list = []  # rollout.temperature > 2 with servers: refused at composition since
+KNOWN: list = []  # none open (the last, rollout.temperature > 2 with servers, is refused at composition too)
 # One of these, in some draws, gets a bad value. Floats: also huge (1e30). Ints: also huge where that only
 # makes a setting large (not the number of samples or prompts to generate).
 FLOATS = ["optim.lr", "optim.min_lr", "optim.weight_decay", "optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps",
