@@ -172,7 +172,7 @@ def refused_changes(changes: dict[str, tuple], allowed: list[str]) -> dict[str, 
 def record_segment(run_dir: Path, start_step: int, config: dict, changes: dict[str, tuple]) -> None:
     """Append this start to the run history (written, flushed and fsynced before training starts)."""
     path = Path(run_dir) / HISTORY
-    segment = sum(1 for _ in path.open()) if path.exists() else 0
+    segment = len(read_history(run_dir))
     row = {"segment": segment, "start_step": start_step, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "host": socket.gethostname(), "git_commit": _git_commit(),
            "changes": {k: list(v) for k, v in changes.items()}, "config": config}
