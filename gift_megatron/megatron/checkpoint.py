@@ -228,17 +228,20 @@ def read_state(path: Path) -> dict | None:
 
 
 def _state_problems(path: Path) -> list[str]:
-    """Rank 0: a verified training checkpoint whose state.json is missing or disagrees with its name."""
+    """Rank 0: a verified training checkpoint whose state.json is missing, disagrees with its name, or
+    says its weights are not finite (never resumed)."""
     state = read_state(path)
     if state is None:
         return [f"{path / STATE}: missing or unreadable (every training checkpoint has one)"]
     step = int(_STEP_DIR.match(path.name).group(1))
-    return [] if state.get("step") == step else [f"{path / STATE}: says step {state.get('step')}, the folder {step}"]
+    if state.get("step") != step:
+        return [f"{path / STATE}: says step {state.get('step')}, the folder {step}"]
+    return [] if state.get("weights_finite", True) else [f"{path}: its weights are not finite (NaN/Inf)"]
 
 
-def select_checkpoint(root: Path, *, training: bool = True) -> Path | None:
-    """Collective: the newest checkpoint under `root` that verifies (its manifest, and for a training
-    checkpoint its state.json) and whose weights are finite, or None when there is none. Newer ones are
+def select_checkpoint(root: Path) -> Path | None:
+    """Collective: the newest checkpoint under `root` that verifies (its manifest and its state.json)
+    and whose weights are finite, or None when there is none. Newer ones are
     skipped with a warning naming each problem and renamed aside (`abandoned-step_N-...`), so that they
     never count again; when every checkpoint is skipped, an error (starting over silently would discard
     the run). Leftovers of an interrupted write are removed first."""
@@ -249,8 +252,8 @@ def select_checkpoint(root: Path, *, training: bool = True) -> Path | None:
     skipped = []
     for path in map(Path, reversed(_broadcast_json(found))):
         problems = checkpoint_problems(path)
-        if rank == 0 and not problems and training:
-            problems = _state_problems(path) or _nonfinite_problem(path)
+        if rank == 0 and not problems:
+            problems = _state_problems(path)
         if not _broadcast_json(problems):
             if skipped and rank == 0:
                 log.warning("resuming from %s, the newest checkpoint that verifies, instead of %s", path,
@@ -268,11 +271,6 @@ def select_checkpoint(root: Path, *, training: bool = True) -> Path | None:
             f"or start over in another folder (run_dir=...) or with resume=false move_old_run=true (moves the old "
             f"run aside)")
     return None
-
-
-def _nonfinite_problem(path: Path) -> list[str]:
-    state = read_state(path)
-    return [] if state.get("weights_finite", True) else [f"{path}: its weights are not finite (NaN/Inf)"]
 
 
 def _abandon(path: Path) -> None:
