@@ -1,7 +1,7 @@
 """Step time of one GIFT train step (megatron-core on gloo) at each parallel layout, side by side.
 
 A 4-layer, hidden-256 Llama-style model (4 heads of 64), P prompts x G samples of S tokens, AdamW
-through megatron's distributed optimizer; the same step batch laid out as DESIGN.md says. Each layout
+through megatron's distributed optimizer; the same step batch laid out as docs/design.md says. Each layout
 runs in fresh processes: 1 warm-up step, then the median of `--steps` steps. On a 2-core CPU machine,
 layouts with 2 processes share the cores and pay gloo's copies: the ratios say what the
 communication costs here, not what it costs on GPUs with NCCL.

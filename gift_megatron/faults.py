@@ -7,7 +7,9 @@
 A hook call names its point and the step; each comma-separated `<point>:<step>[:<signal>]` of
 `GIFT_FAULT` makes the process send itself that signal there (default KILL: no cleanup, no handlers,
 what a power cut or the OOM killer does; INT, TERM, USR1: what a user or Slurm sends, handled as in a
-real run). Unset, as in every real run, a hook is one environment lookup and returns.
+real run; SERVER: SIGKILL the first vLLM server this process started, API server and engine together,
+the trainer itself going on to find it dead). Unset, as in every real run, a hook is one environment
+lookup and returns.
 
 Points (`POINTS`), in the order a step reaches them: step_rollout (the batch generated and scored),
 step_logprobs (policy and reference log-probs taken), step_train (the update applied), step_sync (the
@@ -22,8 +24,16 @@ import os
 import signal
 
 FAULT_ENV = "GIFT_FAULT"
+SERVER = "SERVER"
+_servers: list[int] = []  # process-group leaders of the vLLM servers this process started
 POINTS = ("step_rollout", "step_logprobs", "step_train", "step_sync", "eval", "checkpoint_data",
           "kill_during_checkpoint_write", "checkpoint_publish", "checkpoint_prune")
+
+
+def started_server(pid: int) -> None:
+    """Called by gift_megatron.rollout.servers for each server it starts (its own session): the target of
+    a SERVER fault."""
+    _servers.append(pid)
 
 
 def maybe_fail(point: str, step: int) -> None:
@@ -35,5 +45,11 @@ def maybe_fail(point: str, step: int) -> None:
     here = f"{point}:{step}"
     for fault in spec.split(","):
         where, _, name = fault.partition(":")[2].partition(":")
-        if f"{fault.partition(':')[0]}:{where}" == here:
+        if f"{fault.partition(':')[0]}:{where}" != here:
+            continue
+        if name != SERVER:
             os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))
+        elif _servers:
+            os.killpg(_servers[0], signal.SIGKILL)
+        elif int(os.environ.get("RANK", "0")) == 0:  # rank 0 starts the servers: a fault that cannot fire
+            raise RuntimeError(f"{FAULT_ENV}={spec}: a SERVER fault at {here}, but this process started no vLLM server")

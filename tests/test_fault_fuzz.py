@@ -11,6 +11,11 @@ run's; the final checkpoint's tensors (model and optimizer) equal it bit for bit
     GIFT_FAULT_TRIALS=100 GIFT_FAULT_SEED=7 .venv/bin/python -m pytest tests/test_fault_fuzz.py   # a larger run
 
 CI runs a small seeded sample at rollout.max_staleness 0 and 1.
+
+Server trials (`GIFT_SERVER_FAULT_TRIALS`, CI: 1): the run uses a vLLM server (`rollout=vllm_servers`),
+the fault SIGKILLs it (API server and engine) at a random moment and the trainer finds it dead (it stops
+naming the server, exit 1, no checkpoint from inside a step), at max_staleness 0 or 1 drawn; the same
+checks, against the uninterrupted run with a server.
 """
 
 import json
@@ -22,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from gift_megatron.faults import FAULT_ENV, POINTS
+from gift_megatron.faults import FAULT_ENV, POINTS, SERVER
 from gift_megatron.manifest import verify_folder
 from tests.conftest import STRAIGHT
 from tests.procs import explain
@@ -30,9 +35,11 @@ from tests.test_faults import KEYS, _checkpoint_tensors, _rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = int(os.environ.get("GIFT_FAULT_TRIALS", "2"))
+SERVER_TRIALS = int(os.environ.get("GIFT_SERVER_FAULT_TRIALS", "1"))
 SEED = int(os.environ.get("GIFT_FAULT_SEED", "0"))
 NUM_STEPS, SAVE_EVERY = 4, 2  # STRAIGHT
-FAULTS = {"KILL": (-9,), "INT": (130,), "INT_TWICE": (130,), "TERM": (75,), "USR1": (75,)}
+FAULTS = {"KILL": (-9,), "INT": (130,), "INT_TWICE": (130,), "TERM": (75,), "USR1": (75,), SERVER: (1,)}
+WITH_SERVER = ("rollout=vllm_servers", "rollout.num_servers=1")
 STEP_POINTS = POINTS[:4]
 CHECKPOINT_POINTS = POINTS[5:]
 
@@ -51,7 +58,7 @@ def moments() -> list[tuple[str, int]]:
 
 def draw(rng: random.Random) -> tuple[str, str]:
     """(fault kind, GIFT_FAULT spec)."""
-    kind, at = rng.choice(sorted(FAULTS)), moments()
+    kind, at = rng.choice(sorted(set(FAULTS) - {SERVER})), moments()
     i = rng.randrange(len(at))
     spec = "{}:{}:" + kind.removesuffix("_TWICE")
     faults = [spec.format(*at[i])]
@@ -97,9 +104,12 @@ def test_moments_and_draws_are_what_a_run_reaches():
     assert at[:4] == [("step_rollout", 1), ("step_logprobs", 1), ("step_train", 1), ("step_sync", 1)]
     assert ("checkpoint_publish", 2) in at and ("checkpoint_publish", 3) not in at and ("eval", 4) in at
     rng = random.Random(0)
+    kinds = set()
     for _ in range(200):
         kind, spec = draw(rng)
+        kinds.add(kind)
         assert all(s.rsplit(":", 1)[1] == kind.removesuffix("_TWICE") for s in spec.split(","))
+    assert kinds == set(FAULTS) - {SERVER}
 
 
 @pytest.mark.parametrize("trial_index", range(TRIALS))
@@ -116,3 +126,26 @@ def test_random_fault_with_rollouts_ahead(tmp_path, straight_ahead_run):
     kind, fault = draw(rng)
     print(json.dumps({"seed": SEED, "kind": kind, "fault": fault, "max_staleness": 1}))
     trial(tmp_path / "run", straight_ahead_run, ("rollout.max_staleness=1",), kind, fault)
+
+
+@pytest.fixture(scope="module")
+def straight_with_server(tmp_path_factory):
+    """The uninterrupted runs with a vLLM server, by max_staleness, made when a trial first needs one."""
+    made: dict[int, Path] = {}
+
+    def get(k: int) -> Path:
+        if k not in made:
+            made[k] = tmp_path_factory.mktemp(f"straight_server_{k}") / "run"
+            proc = _run(made[k], (*WITH_SERVER, f"rollout.max_staleness={k}"), None)
+            assert proc.returncode == 0, explain(proc)
+        return made[k]
+    return get
+
+
+@pytest.mark.parametrize("trial_index", range(SERVER_TRIALS))
+def test_random_server_kill_then_rerun_equals_the_uninterrupted_run(trial_index, tmp_path, straight_with_server):
+    rng = random.Random(SEED * 100_003 + 77_777 + trial_index)
+    at, k = moments(), rng.choice((0, 1))
+    fault = "{}:{}:".format(*at[rng.randrange(len(at))]) + SERVER
+    print(json.dumps({"trial": trial_index, "seed": SEED, "kind": SERVER, "fault": fault, "max_staleness": k}))
+    trial(tmp_path / "run", straight_with_server(k), (*WITH_SERVER, f"rollout.max_staleness={k}"), SERVER, fault)

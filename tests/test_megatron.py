@@ -1,7 +1,7 @@
 """megatron-core on gloo, several processes: the invariance contract, training, checkpoints, resume.
 
 Every layout starts from the same weights (a dist checkpoint written at TP=PP=DP=1, loaded and
-resharded by dist_checkpointing) and trains on the same step batch laid out as DESIGN.md says.
+resharded by dist_checkpointing) and trains on the same step batch laid out as docs/design.md says.
 """
 
 import pytest

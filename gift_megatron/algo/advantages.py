@@ -11,7 +11,7 @@ import torch.distributed as dist
 from gift_megatron.algo.grouping import group_stats, group_zscore
 
 ADV_EPS = 1e-6
-"""The eps in A = (r - mean) / (std + eps) (DESIGN.md)."""
+"""The eps in A = (r - mean) / (std + eps) (docs/design.md)."""
 
 
 def group_advantages(

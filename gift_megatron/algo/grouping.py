@@ -2,7 +2,7 @@
 
 Legend of shape suffixes: B = samples held by this rank, P = groups (prompts) in the batch.
 
-`group_index_B` maps each local sample to its prompt in [0, P). DESIGN.md's batch layout puts
+`group_index_B` maps each local sample to its prompt in [0, P). docs/design.md's batch layout puts
 the same P prompts on every DP rank (each rank holds G/DP samples of each), so summing per-group
 partial sums over the DP group gives the statistics of the WHOLE group, exactly as if one process
 held it. Statistics are computed in float64 with a two-pass (mean, then centred squares) scheme:

@@ -1,4 +1,4 @@
-"""DESIGN.md's batch layout, as pure index arithmetic.
+"""docs/design.md's batch layout, as pure index arithmetic.
 
 A step has P prompts x G samples, ordered prompt-major (sample j of prompt p at p * G + j). Each of
 the DP ranks holds G/DP samples of EVERY prompt; a mini-batch is a contiguous range of prompts; a

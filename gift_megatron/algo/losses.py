@@ -115,7 +115,7 @@ def gift_loss(
     eps: float = 1e-6,
     dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GIFT: mean over samples of (A_i - z_i)^2 (DESIGN.md).
+    """GIFT: mean over samples of (A_i - z_i)^2 (docs/design.md).
 
     s_i = sum_t (log pi - log pi_base) / L_i^p is the implicit reward, pi_base the frozen reference
     (`reference`) or the rollout-time policy (`old`). z_i is s_i z-scored over its whole group

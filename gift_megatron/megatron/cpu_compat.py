@@ -12,8 +12,8 @@ techniques, each confined to the megatron modules that need it:
   `Tensor.cuda()`) run with CPU tensors reporting CUDA type strings (or staying on CPU), only for
   the duration of those calls.
 
-Each patch names the megatron-core 0.16.1 source lines it covers (after the recipe in
-shared/recipes/megatron_cpu, re-derived for this project).
+Each patch names the megatron-core 0.16.1 source lines it covers (worked out for this project by
+running megatron-core on gloo; docs/design.md, "CPU notes").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Rank 0's rollout batch to every rank, each DP rank's share of it, and the engine/trainer log-prob
-check: the trainer's collectives around the train step (DESIGN.md's layout)."""
+check: the trainer's collectives around the train step (docs/design.md's layout)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Legend: B = samples on this DP rank, S = sequence positions, T = S - 1 predicted
 
 A `RolloutBatch` (rollout/batch.py) is this DP rank's share of one mini-batch, prompt-major (G/DP samples of each
 prompt in turn). Micro-batches (`MicroBatching`) are either contiguous slices of `micro_batch_size`
-samples, whole groups, the same prompts on every DP rank (DESIGN.md), all padded to the batch's
+samples, whole groups, the same prompts on every DP rank (docs/design.md), all padded to the batch's
 longest sequence; or, with a token budget, this rank's samples sorted by length and packed into bins
 of at most `max_tokens` padded tokens, each padded only to its own longest sample, as many bins on
 every DP rank (megatron's schedules run the same number of micro-batches everywhere). Bins cut

