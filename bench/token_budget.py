@@ -38,7 +38,7 @@ MODES = ("fixed", "token budget", "packed")
 
 def long_tailed_batch(prompts: int, group_size: int, cap: int, seed: int = 0):
     """Prompt-major samples with the distribution in the module docstring; 0/1 rewards, GRPO advantages."""
-    from gift_megatron.rollout.batch import RolloutBatch
+    from gift_megatron.batch import RolloutBatch
 
     n, g = prompts * group_size, torch.Generator().manual_seed(seed)
     prompt_len = torch.randint(16, 64, (n,), generator=g)

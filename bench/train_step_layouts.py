@@ -49,7 +49,7 @@ def _config(world, tp, pp, vpp, nmb, prompts, group_size, algo="gift") -> Config
 
 def synthetic_batch(prompts: int, group_size: int, seq: int):
     """P x G random sequences (the last 3/4 of each is the response) with 0/1 rewards and GRPO advantages."""
-    from gift_megatron.rollout.batch import RolloutBatch
+    from gift_megatron.batch import RolloutBatch
 
     n = prompts * group_size
     g = torch.Generator().manual_seed(0)

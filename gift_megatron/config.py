@@ -632,6 +632,10 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+"""The Hydra config folder (absolute: the console script and `python -m` find it alike)."""
+
+
 def register_configs() -> None:
     """Register the schema that conf/config.yaml composes onto, so every group is type-checked."""
     cs = ConfigStore.instance()

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gift_megatron.config import apply_model_preset, register_configs, to_config
+from gift_megatron.config import CONF_DIR, apply_model_preset, register_configs, to_config
 from gift_megatron.guard import protect
 from gift_megatron.run_dir import claim_run_dir
 from gift_megatron.stop import Preempted, StopFlag
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; rerun to resume
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C after checkpointing; rerun to resume
 register_configs()
-CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works for the console script too
 
 
 def quiet_third_party(level: str) -> None:
@@ -72,7 +71,7 @@ def log_from_rank0(rank: int, all_ranks: bool) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(dict_cfg: DictConfig) -> dict:
     log_from_rank0(launcher_rank(), dict_cfg.log_all_ranks)
     quiet_third_party(dict_cfg.log_level)  # before megatron's import: it logs INFO lines as it loads

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gift_megatron.algo import build_group_statistics, build_loss
+from gift_megatron.batch import RolloutBatch
 from gift_megatron.config import Config
 from gift_megatron.faults import maybe_fail
 from gift_megatron.manifest import CorruptCheckpoint
@@ -53,11 +54,10 @@ from gift_megatron.megatron.sharding import broadcast_rollout, dp_shard, logprob
 from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_rollout_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.metrics_log import MetricsLog
+from gift_megatron.mismatch import DEFAULT_MAX_MISMATCH, MismatchAlarm
 from gift_megatron.rollout.ahead import RolloutsAhead, load_pending, save_pending
-from gift_megatron.rollout.batch import RolloutBatch
 from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.stage import Rollout, RolloutStage
-from gift_megatron.rollout.verify import DEFAULT_MAX_MISMATCH, MismatchAlarm
 from gift_megatron.run_dir import LOCK_NAME, RunDirBusy, RunLock
 from gift_megatron.stop import Preempted, StopFlag
 

@@ -74,7 +74,7 @@ def step_batch(seed=0):
 def local_batch(cfg: Config, seed=0):
     from megatron.core import parallel_state as ps
 
-    from gift_megatron.rollout.batch import RolloutBatch
+    from gift_megatron.batch import RolloutBatch
 
     tokens, resp, rewards, adv, old, ref = step_batch(seed)
     dp = cfg.parallel.data_parallel_size

@@ -47,8 +47,8 @@ def _trainer_logprobs(chunks, sequences, prompt_lens):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from gift_megatron.batch import RolloutBatch
     from gift_megatron.megatron.train_step import compute_logprobs
-    from gift_megatron.rollout.batch import RolloutBatch
 
     S = max(len(s) for s in sequences)
     tokens = torch.zeros(len(sequences), S, dtype=torch.long)
@@ -81,8 +81,8 @@ def _flatten(groups):
 def _in_process_worker(rank, world, hf_dir):
     """TP = 1: the trainer's own process hosts the engine (the single-machine deployment)."""
     from gift_megatron.megatron.weight_sync import gather_hf_weights
+    from gift_megatron.mismatch import logprob_mismatch
     from gift_megatron.rollout.engine import LocalEngine
-    from gift_megatron.rollout.verify import logprob_mismatch
 
     chunks = _policy(1, 1, 1)
     engine = LocalEngine(hf_dir, ROLLOUT, seed=0, max_model_len=32)

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from gift_megatron.rollout.verify import MismatchAlarm, MismatchError, logprob_mismatch
+from gift_megatron.mismatch import MismatchAlarm, MismatchError, logprob_mismatch
 
 
 def _stats(mean, peak=None):

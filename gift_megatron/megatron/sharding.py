@@ -10,8 +10,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from gift_megatron.algo.layout import dp_sample_indices
-from gift_megatron.rollout.batch import RolloutBatch
-from gift_megatron.rollout.verify import mismatch_stats, summarize
+from gift_megatron.batch import RolloutBatch
+from gift_megatron.mismatch import mismatch_stats, summarize
 
 
 def broadcast_rollout(batch: RolloutBatch | None, extra: list[int], group_size: int) -> tuple[RolloutBatch, list[int]]:

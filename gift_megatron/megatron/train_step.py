@@ -32,7 +32,7 @@ from megatron.core.utils import get_model_config
 from gift_megatron.algo import LossBatch, LossNorm, global_norm, vocab_parallel_entropy, vocab_parallel_logprobs
 from gift_megatron.algo.layout import packed_rows, round_up, split_bins, token_budget_bins
 from gift_megatron.algo.losses import WholeGroups
-from gift_megatron.rollout.batch import RolloutBatch
+from gift_megatron.batch import RolloutBatch
 
 
 def _causal_mask(seq_len: int, device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Supervised warm-up of a single-process policy (the embedded default's first stage), cached.
 
-    python -m gift_megatron.megatron.warmup RUN_DIR/config.yaml CACHE_PATH   # a multi-rank run's warm-up
+    python -m gift_megatron.warmup_job RUN_DIR/config.yaml CACHE_PATH   # a multi-rank run's warm-up
 
 RL needs a non-zero starting accuracy. The model is trained with teacher forcing on prompt ->
 answer + EOS (AdamW on the plain megatron modules, before DDP wraps them) until its held-out exact
@@ -20,8 +20,10 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,11 +35,30 @@ from gift_megatron.config import Config, ParallelConfig
 from gift_megatron.launch import free_port
 from gift_megatron.megatron.checkpoint import save_model_weights
 from gift_megatron.megatron.model import build_gpt_models
-from gift_megatron.megatron.parallel import init_distributed, init_model_parallel
-from gift_megatron.rollout.tasks import TaskData, build_task
 
 log = logging.getLogger(__name__)
-_SINGLE = ParallelConfig(world_size=1, micro_batch_size=1)
+
+
+class Example(Protocol):
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+
+class SupervisedTask(Protocol):
+    """What the warm-up needs of a task (gift_megatron.rollout.tasks.TaskData has it): prompt -> answer
+    examples for training and held out, and the EOS and padding ids."""
+
+    @property
+    def train(self) -> Sequence[Example]: ...
+    @property
+    def eval(self) -> Sequence[Example]: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+
+
+SINGLE = ParallelConfig(world_size=1, micro_batch_size=1)
 WARMUP_CACHE_ENV = "GIFT_WARMUP_CACHE"  # one warm-up cache for every run of a machine (data.warmup_cache_dir wins)
 
 
@@ -124,9 +145,9 @@ def warmup_cache_path(cfg: Config, cache_root: Path) -> Path:
     return cache_root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def train_warmup(cfg: Config, task: TaskData, path: Path) -> None:
+def train_warmup(cfg: Config, task: SupervisedTask, path: Path) -> None:
     """Supervised warm-up of a one-process model (prompt -> answer + EOS); weights saved to `path`."""
-    (model,) = build_gpt_models(cfg.model, _SINGLE, on_gpu=cfg.on_gpu)
+    (model,) = build_gpt_models(cfg.model, SINGLE, on_gpu=cfg.on_gpu)
     pairs = lambda ss: pad_sequences([s.prompt_ids for s in ss], [s.answer_ids + [task.eos_id] for s in ss],  # noqa: E731
                                      task.pad_id)
     stats = supervised_warmup(model, pairs(task.train), pairs(task.eval), vocab_size=cfg.model.vocab_size,
@@ -144,11 +165,11 @@ def _warmup_in_subprocess(run_dir: Path, path: Path) -> None:
                                                               "SLURM_NTASKS", "SLURM_LOCALID", "PMI_RANK",
                                                               "PMI_SIZE", "OMPI_COMM_WORLD_RANK")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    subprocess.run([sys.executable, "-m", "gift_megatron.megatron.warmup", str(run_dir / "config.yaml"), str(path)],
+    subprocess.run([sys.executable, "-m", "gift_megatron.warmup_job", str(run_dir / "config.yaml"), str(path)],
                    env=env, check=True)
 
 
-def initial_weights(cfg: Config, run_dir: Path, task: TaskData | None) -> Path | None:
+def initial_weights(cfg: Config, run_dir: Path, task: SupervisedTask | None) -> Path | None:
     """Collective. model.init_checkpoint, else the cached warm-up (trained now if missing: rank 0, once
     even for concurrent runs), else None (random init)."""
     if cfg.model.init_checkpoint:
@@ -172,18 +193,3 @@ def initial_weights(cfg: Config, run_dir: Path, task: TaskData | None) -> Path |
     dist.barrier()
     log.info("initial weights: %s", path)
     return path
-
-
-def main(config_yaml: str, path: str) -> None:
-    """The warm-up for a multi-rank run, in a one-process world of its own."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_yaml)))
-    init_distributed(_SINGLE, cfg.on_gpu)
-    init_model_parallel(_SINGLE, cfg.seed, cfg.on_gpu)
-    train_warmup(cfg, build_task(cfg.data, cfg.model.vocab_size, Path(cfg.run_dir)), Path(path))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main(*sys.argv[1:3])

@@ -34,7 +34,7 @@ from dataclasses import fields
 
 import torch
 
-from gift_megatron.rollout.batch import RolloutBatch
+from gift_megatron.batch import RolloutBatch
 from gift_megatron.rollout.engine import SyncStats
 from gift_megatron.rollout.stage import Rollout, RolloutStage
 

@@ -22,7 +22,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferUpdateInfo
 
 from gift_megatron.launch import is_loopback, listening_socket
-from gift_megatron.rollout.weight_transfer import BACKEND
+from gift_megatron.rollout import GLOO_BACKEND as BACKEND
 
 
 def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float):

@@ -42,13 +42,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from gift_megatron.config import register_configs, to_config
+    from gift_megatron.config import CONF_DIR, register_configs, to_config
     from gift_megatron.rollout.servers import server_command
     from gift_megatron.rollout.weight_transfer import backend_for
-    from gift_megatron.train import CONF
 
     register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = to_config(compose("config", overrides=args.overrides))
     r = cfg.rollout
     if r.server_model_dir:

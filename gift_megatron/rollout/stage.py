@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from gift_megatron.algo import GroupFilter, group_advantages, overlong_penalty
+from gift_megatron.batch import RolloutBatch
 from gift_megatron.config import AlgoConfig, RolloutConfig
-from gift_megatron.rollout.batch import RolloutBatch, finished, pad_groups, response_lengths
+from gift_megatron.rollout.batch import finished, pad_groups, response_lengths
 from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.engine import Completion, Engine, SyncStats
 from gift_megatron.rollout.rewards import GroupScorer

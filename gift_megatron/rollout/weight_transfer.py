@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from gift_megatron.rollout import GLOO_BACKEND as BACKEND
+
 log = logging.getLogger(__name__)
-BACKEND = "gift_gloo"
 
 
 def backend_for(weight_sync: str, on_gpu: bool) -> str | None:
