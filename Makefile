@@ -14,6 +14,7 @@ test: env lint
 
 lint: env
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: env
 	$(PY) bench/logprob_memory.py

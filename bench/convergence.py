@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("time_generate", "time_old_logprobs", "time_reference", "time_train", "time_sync")
+PHASES = ("time_generate", "time_policy_logprobs", "time_reference", "time_train", "time_sync")
 
 
 def run(out: Path, algo: str, seed: int, steps: int, eval_every: int, extra: list[str]) -> list[dict]:

@@ -25,7 +25,7 @@ from gift_megatron.launch import run_distributed
 def _worker(rank, world, prompts, group_size, seq, steps):
     from gift_megatron.megatron.parallel import init_model_parallel
     from gift_megatron.megatron.policy import build_policy
-    from gift_megatron.megatron.train_step import compute_logprobs, train_mini_batch
+    from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_mini_batch
 
     out = {}
     for algo in ("grpo", "gift"):
@@ -34,18 +34,18 @@ def _worker(rank, world, prompts, group_size, seq, steps):
         policy = build_policy(cfg.model, cfg.parallel, cfg.optim, on_gpu=False, total_optimizer_steps=100)
         batch = synthetic_batch(prompts, group_size, seq)
         g = torch.Generator().manual_seed(1)
-        mb = cfg.parallel.micro_batch_size
+        mb = MicroBatching(cfg.parallel.micro_batch_size)
         passes, trains = [], []
         loss_fn = build_loss(cfg.algo)
         for _ in range(steps + 1):
             t0 = time.perf_counter()
-            logp = compute_logprobs(policy.chunks, batch, mb, 1.0, VOCAB)  # old (GRPO) or reference (GIFT)
+            logp = compute_logprobs(policy.chunks, batch, mb, 1.0, VOCAB)  # proximal (GRPO) or reference (GIFT)
             t1 = time.perf_counter()
             if algo == "grpo":
-                batch.old_logp_BT = logp
+                batch.proximal_logp_BT = logp
             else:
                 batch.ref_logp_BT = logp - 0.01 * torch.randn(logp.shape, generator=g)  # a moved policy
-            train_mini_batch(policy, loss_fn, batch, micro_batch_size=mb, temperature=1.0, vocab_size=VOCAB)
+            train_mini_batch(policy, loss_fn, batch, batching=mb, temperature=1.0, vocab_size=VOCAB)
             t2 = time.perf_counter()
             passes.append(t1 - t0)
             trains.append(t2 - t1)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import trange
 
-from gift_megatron.algo import LossBatch, LossNorm, gift_loss, group_advantages
+from gift_megatron.algo import GiftOptions, LossBatch, LossNorm, gift_loss, group_advantages
 
 
 @dataclass
@@ -56,7 +56,7 @@ def run_bandit(num_prompts=8, num_actions=6, group_size=64, steps=3000, lr=0.05,
             advantages_B=group_advantages(r, group_index, num_prompts), rewards_B=r,
             group_index_B=group_index, num_groups=num_prompts, ref_logp_BT=ref_logp.gather(1, actions).view(-1, 1),
         )
-        loss, _ = gift_loss(batch, norm, implicit_std_floor=implicit_std_floor)
+        loss, _ = gift_loss(batch, norm, GiftOptions(implicit_std_floor=implicit_std_floor))
         opt.zero_grad()
         loss.backward()
         opt.step()

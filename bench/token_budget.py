@@ -69,7 +69,7 @@ def _config(algo: str, prompts: int, group_size: int, micro_batch: int, max_toke
 def _worker(rank, world, prompts, group_size, cap, micro_batch, steps):
     from gift_megatron.megatron.parallel import init_model_parallel
     from gift_megatron.megatron.policy import build_policy
-    from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_mini_batch
+    from gift_megatron.megatron.train_step import MicroBatching, StageLogprobs, compute_logprobs, train_mini_batch
 
     batch, _ = long_tailed_batch(prompts, group_size, cap)
     budget = micro_batch * batch.tokens_BS.shape[1]  # the fixed micro-batch's size in tokens
@@ -85,15 +85,15 @@ def _worker(rank, world, prompts, group_size, cap, micro_batch, steps):
             times, padding = [], float("nan")
             for _ in range(steps + 1):
                 t0 = time.perf_counter()
-                logp = compute_logprobs(policy.chunks, batch, batching, 1.0, VOCAB)  # old (GRPO) / reference (GIFT)
+                logp = compute_logprobs(policy.chunks, batch, batching, 1.0, VOCAB)  # proximal (GRPO) / reference
                 if algo == "grpo":
-                    batch.old_logp_BT = logp
+                    batch.proximal_logp_BT = logp
                 else:
                     batch.ref_logp_BT = logp.detach() - 0.01  # (a moved policy: any fixed offset)
                 current = compute_logprobs(policy.chunks, batch, batching, 1.0, VOCAB) if stats else None
-                m = train_mini_batch(policy, loss_fn, batch, micro_batch_size=batching, temperature=1.0,
-                                     vocab_size=VOCAB, group_statistics=stats, current_logp_BT=current,
-                                     logp_known=stats is not None)
+                m = train_mini_batch(policy, loss_fn, batch, batching=batching, temperature=1.0,
+                                     vocab_size=VOCAB, group_statistics=stats,
+                                     initial_logp=StageLogprobs(current) if stats else None)
                 times.append(time.perf_counter() - t0)
                 padding = m["padding_frac"]
             out[algo, mode] = {"time": statistics.median(times[1:]), "padding": padding}

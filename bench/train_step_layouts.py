@@ -65,7 +65,7 @@ def _worker(rank, world, tp, pp, vpp, nmb, prompts, group_size, seq, steps):
 
     from gift_megatron.megatron.parallel import init_model_parallel
     from gift_megatron.megatron.policy import build_policy
-    from gift_megatron.megatron.train_step import train_mini_batch
+    from gift_megatron.megatron.train_step import MicroBatching, train_mini_batch
 
     cfg = _config(world, tp, pp, vpp, nmb, prompts, group_size)
     init_model_parallel(cfg.parallel, 0, on_gpu=False)
@@ -80,8 +80,8 @@ def _worker(rank, world, tp, pp, vpp, nmb, prompts, group_size, seq, steps):
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        train_mini_batch(policy, loss_fn, batch, micro_batch_size=cfg.parallel.micro_batch_size, temperature=1.0,
-                         vocab_size=VOCAB)
+        train_mini_batch(policy, loss_fn, batch, batching=MicroBatching(cfg.parallel.micro_batch_size),
+                         temperature=1.0, vocab_size=VOCAB)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

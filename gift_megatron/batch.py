@@ -18,16 +18,16 @@ from gift_megatron.algo.layout import sequence_lengths
 @dataclass
 class RolloutBatch:
     """One step's samples: built by the rollout stage (rollout/stage.py) with rewards and advantages,
-    sharded over DP ranks, completed with old/reference log-probs, consumed by megatron/train_step.py."""
+    sharded over DP ranks, completed with proximal/reference log-probs, consumed by megatron/train_step.py."""
 
     tokens_BS: torch.Tensor  # prompt + response token ids, right-padded
     response_mask_BS: torch.Tensor  # 1.0 where tokens_BS holds a response token
     rewards_B: torch.Tensor | None
     advantages_B: torch.Tensor | None  # A: group-relative advantages (algo/advantages.py)
     samples_per_prompt: int  # rows per prompt in THIS batch: G as generated, G / DP in a DP rank's shard
-    old_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (rollout policy)
+    proximal_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:]: the trainer at the step's start
     ref_logp_BT: torch.Tensor | None = None  # log-probs of tokens_BS[:, 1:] (reference)
-    engine_logp_BT: torch.Tensor | None = None  # the engine's log-probs of the sampled tokens (0 elsewhere)
+    behaviour_logp_BT: torch.Tensor | None = None  # the engine's (the weights that generated), 0 off the response
     prompt_index_B: torch.Tensor | None = None  # each row's prompt, when rows are not prompt-major (token budgets)
 
     def select(self, idx: torch.Tensor | slice) -> RolloutBatch:
@@ -43,7 +43,20 @@ class RolloutBatch:
             return t[:, :n] if t.shape[1] >= n else torch.nn.functional.pad(t, (0, n - t.shape[1]))
         sized = {f.name: fit(getattr(self, f.name), S - f.name.endswith("_BT")) for f in fields(self)
                  if f.name.endswith(("_BS", "_BT")) and getattr(self, f.name) is not None}
-        return replace(self, **sized)
+        return replace(self, **sized)  # type: ignore[arg-type]  # (only the tensor fields, by name)
+
+    def mini_batches(self, n: int) -> list[RolloutBatch]:
+        """n contiguous prompt ranges of equal size (one optimizer step each)."""
+        B = self.tokens_BS.shape[0]
+        if B % n or (B // n) % self.samples_per_prompt:
+            raise ValueError(f"{B} samples ({self.num_prompts} prompts) do not split into {n} mini-batches of whole "
+                             f"prompts: algo.num_mini_batches must divide the prompts per step")
+        size = B // n
+        return [self.select(slice(i, i + size)) for i in range(0, B, size)]
+
+    def __len__(self) -> int:
+        """Samples (rows)."""
+        return self.tokens_BS.shape[0]
 
     def sequence_lengths(self) -> torch.Tensor:
         """Positions each row needs: through its last response token (2 at least: one predicted position)."""

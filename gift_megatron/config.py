@@ -11,11 +11,18 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from gift_megatron.algo import ALGORITHMS
+from gift_megatron.algo.losses import AGG_MODES, BASELINES, GiftOptions
 from gift_megatron.run_dir import MEANING
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+from gift_megatron.trackers import BACKENDS, not_installed
 
 PACKING_NEEDS_LOCAL = (
     "parallel.sequence_packing runs on the local attention spec (block-diagonal masks); with Transformer Engine "
@@ -57,7 +64,7 @@ def _within(section: str, name: str, value: float, low: float, high: float, *, h
                          f"{')' if high_open else ']'}")
 
 
-def _finite(section: str, config: object) -> None:
+def _finite(section: str, config: DataclassInstance) -> None:
     """Every float field of a config dataclass (and every float in a list field) is finite. Called first in
     each __post_init__: nan passes any check written `value <= bound`, inf every lower bound, and either
     fails much later (AdamW, NaN losses) without naming the key. Dataclasses in lists check their own."""
@@ -195,10 +202,26 @@ class ParallelConfig:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
 
+PER_ALGORITHM: dict[str, dict[str, object]] = {
+    "gift": dict(reference_refresh_every=20),
+    "grpo": {},
+    "dapo": dict(clip_ratio_high=0.28, loss_agg_mode="token-mean", dynamic_sampling=True, overlong_buffer_length=2),
+    "gspo": dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4),
+}
+"""AlgoConfig fields whose default depends on the algorithm (a field left None gets its algorithm's
+value, else ALL_ALGORITHMS'): DAPO's clip-higher, token-mean loss, dynamic sampling and overlong
+buffer; GSPO's sequence-ratio clips; GIFT's reference refreshed every 20 steps."""
+ALL_ALGORITHMS: dict[str, object] = dict(reference_refresh_every=0, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                                         loss_agg_mode="seq-mean-token-mean", dynamic_sampling=False,
+                                         overlong_buffer_length=0)
+_GIFT = GiftOptions()
+
+
 @dataclass
 class AlgoConfig:
     name: str = "gift"
-    """gift | grpo | dapo | gspo."""
+    """gift | grpo | dapo | gspo (algo.ALGORITHMS). Fields that default to None take the algorithm's
+    value (PER_ALGORITHM), so AlgoConfig(name="dapo") is DAPO."""
     group_size: int = 8
     """G: responses sampled per prompt."""
     advantage: str = "grpo"
@@ -206,58 +229,66 @@ class AlgoConfig:
     adv_eps: float = 1e-6
     num_mini_batches: int = 1
     """Optimizer steps per rollout batch (prompts split into this many mini-batches)."""
-    # GIFT
-    baseline: str = "reference"
-    """reference: frozen initial policy (the paper) | old: the rollout-time policy (the authors' code)."""
-    length_norm_power: float = 0.0
+    # GIFT (defaults: algo/losses.py GiftOptions; `gift_options` gives them to the loss as one object)
+    baseline: str = _GIFT.baseline
+    """reference: the reference policy (the paper) | proximal: the trainer at the step's start, the weights the
+    batch's proximal_logp are taken with (the authors' code, where it is called the old policy)."""
+    length_norm_power: float = _GIFT.length_norm_power
     """p in s / L^p (0: plain sum of token log-ratios)."""
-    detach_stats: bool = True
+    detach_stats: bool = _GIFT.detach_stats
     """Treat the implicit reward's group mean and std as constants in the backward."""
-    implicit_std_floor: float = 1.0
+    implicit_std_floor: float = _GIFT.implicit_std_floor
     """Floor on the implicit reward's group std (> 0): bounds the gradient in degenerate groups.
-    1.0 learns on the embedded task where 1e-2 does not (README); a tiny floor is the paper's z-score."""
-    z_scale: float = 1.0
+    1.0 learns on the embedded task where 1e-2 does not (docs/gift_convergence.md); a tiny floor is the
+    paper's z-score."""
+    z_scale: float = _GIFT.z_scale
     """Multiplies z (the authors' kl_loss_coef)."""
-    skip_uninformative_groups: bool = False
+    skip_uninformative_groups: bool = _GIFT.skip_uninformative_groups
     """GIFT: leave groups whose rewards are all equal out of the loss (their target z = 0 only pulls
     the samples' implicit rewards together, towards the baseline)."""
-    reference_refresh_every: int = 20
+    reference_refresh_every: int | None = None
     """GIFT/KL: every N steps the reference becomes a copy of the current policy (0: frozen initial
-    policy, the paper's and every baseline's: their conf/algo/*.yaml set 0; 20 for GIFT,
-    docs/gift_convergence.md). Checkpoints then hold the reference too."""
-    # PPO-style baselines
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
+    policy, the paper's and every baseline's; None: 20 for GIFT, docs/gift_convergence.md, else 0).
+    Checkpoints then hold the reference too."""
+    # PPO-style baselines (None: the algorithm's value, PER_ALGORITHM)
+    clip_ratio_low: float | None = None
+    """1 - clip_ratio_low is the ratio's lower clip (0.2; GSPO's sequence ratio 3e-4)."""
+    clip_ratio_high: float | None = None
+    """1 + clip_ratio_high is the upper clip (0.2; DAPO's clip-higher 0.28; GSPO 4e-4)."""
     kl_coef: float = 0.0
     """k3 KL to the reference (0: no reference model needed)."""
-    loss_agg_mode: str = "seq-mean-token-mean"
-    """token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (GRPO/DAPO)."""
+    loss_agg_mode: str | None = None
+    """token-mean (DAPO) | seq-mean-token-mean (GRPO) | seq-mean-token-sum-norm (Dr. GRPO)."""
     tis_cap: float = 0.0
-    """GRPO/DAPO/GSPO: truncated importance sampling, the loss weighted by min(pi_old / pi_behav, tis_cap)
-    where pi_behav is the engine's (the weights that generated, older than pi_old when
-    rollout.max_staleness > 0; decoupled PPO) and pi_old the trainer's at the step's start (0: off; 2 is
+    """GRPO/DAPO/GSPO: truncated importance sampling, the loss weighted by min(pi_prox / pi_behaviour, tis_cap)
+    where pi_behaviour is the engine's (the weights that generated, older than pi_prox when
+    rollout.max_staleness > 0; decoupled PPO) and pi_prox the trainer's at the step's start (0: off; 2 is
     verl's usual cap). GIFT has no ratio and takes none."""
     # DAPO
-    dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal and generate more until the batch is full."""
+    dynamic_sampling: bool | None = None
+    """Drop groups whose rewards are all equal and generate more until the batch is full (DAPO's default)."""
     max_sampling_rounds: int = 4
-    overlong_buffer_length: int = 0
-    """DAPO soft overlong punishment over the last this-many tokens (0: off)."""
+    overlong_buffer_length: int | None = None
+    """Soft overlong punishment over the last this-many tokens (0: off; DAPO's default 2)."""
     overlong_penalty_factor: float = 1.0
 
     def __post_init__(self) -> None:
         _finite("algo", self)
-        _one_of("algo", "name", self.name, ("gift", "grpo", "dapo", "gspo"))
+        _one_of("algo", "name", self.name, ALGORITHMS)
+        for key, value in {**ALL_ALGORITHMS, **PER_ALGORITHM[self.name]}.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        assert (self.reference_refresh_every is not None and self.clip_ratio_low is not None
+                and self.clip_ratio_high is not None and self.overlong_buffer_length is not None)
         _one_of("algo", "advantage", self.advantage, ("grpo", "drgrpo"))
-        _one_of("algo", "baseline", self.baseline, ("reference", "old"))
+        _one_of("algo", "baseline", self.baseline, BASELINES)
         if self.reference_refresh_every < 0:
             raise ValueError(f"algo.reference_refresh_every={self.reference_refresh_every}: use N >= 1 (every N "
                              f"steps) or 0 (frozen reference)")
         if self.reference_refresh_every and not self.needs_reference:
             raise ValueError(f"algo.reference_refresh_every={self.reference_refresh_every} but algo {self.name} uses "
                              f"no reference (GIFT with baseline=reference, or kl_coef > 0): set it to 0")
-        _one_of("algo", "loss_agg_mode", self.loss_agg_mode,
-                ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        _one_of("algo", "loss_agg_mode", self.loss_agg_mode, AGG_MODES)
         _positive("algo", group_size=self.group_size, num_mini_batches=self.num_mini_batches,
                   implicit_std_floor=self.implicit_std_floor, adv_eps=self.adv_eps, z_scale=self.z_scale,
                   max_sampling_rounds=self.max_sampling_rounds)
@@ -279,12 +310,16 @@ class AlgoConfig:
                              f"cap >= 1 (2 is usual) or 0 (off)")
 
     @property
+    def gift_options(self) -> GiftOptions:
+        return GiftOptions.of(self)
+
+    @property
     def needs_reference(self) -> bool:
         return (self.name == "gift" and self.baseline == "reference") or self.kl_coef > 0
 
     @property
-    def needs_old_logprobs(self) -> bool:
-        return self.name != "gift" or self.baseline == "old"
+    def needs_proximal_logprobs(self) -> bool:
+        return self.name != "gift" or self.baseline == "proximal"
 
 
 @dataclass
@@ -323,14 +358,14 @@ class RolloutConfig:
     weight transfer (GPUs) | gloo: the same transfer API over gloo (CPU) | auto: nccl on GPUs, else files."""
     verify_every: int = 1
     """Compare vLLM's log-probs of the sampled tokens with the trainer's every N steps (logprob_diff_*
-    metrics; 0: never). The trainer's pass over the rollout policy is then skipped on the other steps
+    metrics; 0: never). The trainer's pass over the proximal policy is then skipped on the other steps
     when the loss does not need it (GIFT with the reference baseline): 2 N T of its 10 N T FLOPs."""
     max_logprob_mismatch: float | None = None
     """Alarm: a verified step whose mean |engine - trainer| log-prob per response token exceeds this
     warns, and `mismatch_patience` such steps in a row stop the run (the engine is not sampling from
     the trainer's weights). None: by model.params_dtype, 1e-3 for float32 (measured 1e-7 to 1e-5
     with correct syncs, 1.6e-2 with a stale tied head), 1e-1 for bf16/fp16 (measured 5e-3 to 3.5e-2
-    on CPU kernels; README, weight sync)."""
+    on CPU kernels; docs/rollouts.md, "The mismatch alarm")."""
     mismatch_patience: int = 3
     max_staleness: int = 0
     """k: rollouts run ahead of training on a background thread (rank 0), generated with the newest weights
@@ -485,6 +520,55 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (logger.backends includes wandb). The API key comes from WANDB_API_KEY or
+    `wandb login`, never from here; the run's files go to RUN_DIR/wandb."""
+    project: str = "gift-megatron"
+    entity: str | None = None
+    """null: the key's default entity."""
+    mode: str | None = None
+    """online | offline (`wandb sync RUN_DIR/wandb/offline-run-*` uploads later); null: WANDB_MODE, else online."""
+    name: str | None = None
+    """The run's display name; null: run_dir's folder name."""
+
+    def __post_init__(self) -> None:
+        _one_of("logger.wandb", "mode", self.mode, (None, "online", "offline"))
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (logger.backends includes mlflow). Credentials come from the environment (MLFLOW_TRACKING_TOKEN,
+    MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    tracking_uri: str | None = None
+    """A server (http://host:5000) or a local store (file:/path); null: MLFLOW_TRACKING_URI, else
+    file:RUN_DIR/mlruns. sqlite: stores need the full `mlflow` package (pip install mlflow)."""
+    experiment: str = "gift-megatron"
+    run_name: str | None = None
+    """null: run_dir's folder name."""
+
+
+@dataclass
+class LoggerConfig:
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where each step's metrics go besides RUN_DIR/metrics.jsonl (always written): any of tensorboard
+    (RUN_DIR/tb), wandb, mlflow, e.g. logger.backends=[tensorboard,wandb]. A resumed run continues the same
+    W&B / MLflow runs (their ids: RUN_DIR/trackers.json; gift_megatron/trackers.py)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        for name in self.backends:
+            if name not in BACKENDS:
+                raise ValueError(f"logger.backends={list(self.backends)}: {name!r} is not a backend: use any of "
+                                 f"{list(BACKENDS)} (metrics.jsonl is always written)")
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"logger.backends={list(self.backends)} names a backend twice: list each once")
+        missing = not_installed(list(self.backends))
+        if missing:
+            raise ValueError(missing)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -493,6 +577,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     run_name: str = "default"
     seed: int = 1234
     device: str = "auto"
@@ -545,7 +630,8 @@ class Config:
             raise ValueError(f"eval_num_samples={self.eval_num_samples}: use 0 (greedy only) or k >= 2 (avg@k, pass@k)")
         for allowed in self.resume_allow_changes:
             section, _, key = allowed.partition(".")
-            if section not in MEANING or (key and MEANING[section] is not None and key not in MEANING[section]):
+            keys = MEANING.get(section, ())
+            if section not in MEANING or (key and keys is not None and key not in keys):
                 raise ValueError(f"resume_allow_changes: {allowed!r} is not a field that defines what a run trains: "
                                  f"use one of the sections {sorted(MEANING)} or a field in them")
         _check_layout(self)
@@ -639,7 +725,10 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def register_configs() -> None:
     """Register the schema that conf/config.yaml composes onto, so every group is type-checked."""
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
+    schema = OmegaConf.structured(Config)
+    for key in ALL_ALGORITHMS:  # unset in the schema: `algo=dapo` (name: dapo) then gets DAPO's (AlgoConfig)
+        schema.algo[key] = None
+    cs.store(name="config_schema", node=schema)
 
 
 def apply_model_preset(cfg: DictConfig, overrides: list[str]) -> DictConfig:

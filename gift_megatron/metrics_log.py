@@ -1,5 +1,6 @@
-"""Per-step metrics: kept in memory (every rank), written by rank 0 to RUN_DIR/metrics.jsonl and
-TensorBoard (RUN_DIR/tb); a resumed run first drops what a crashed run logged past its checkpoint."""
+"""Per-step metrics: kept in memory (every rank), written by rank 0 to RUN_DIR/metrics.jsonl and to the
+backends of `logger.backends`: TensorBoard (RUN_DIR/tb), W&B and MLflow (trackers.py); a resumed run first
+drops what a crashed run logged past its checkpoint (TensorBoard hides it too; W&B and MLflow keep it)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from gift_megatron.trackers import Trackers
+
+if TYPE_CHECKING:
+    from gift_megatron.config import Config
 
 log = logging.getLogger(__name__)
 EXCERPT_CHARS = 60
@@ -73,13 +79,24 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, writes: bool) -> None:
-        self.path, self.writes, self.history = run_dir / "metrics.jsonl", writes, []
-        self.writer = None
-        if writes:
+    """`cfg` (a config.Config): its logger.backends and, for W&B / MLflow, the config they record; None:
+    TensorBoard only. Only the process that `writes` (rank 0) opens any backend."""
+
+    def __init__(self, run_dir: Path, *, writes: bool, cfg: Config | None = None) -> None:
+        self.path, self.writes = run_dir / "metrics.jsonl", writes
+        self.history: list[dict] = []
+        self.writer, self.trackers = None, None
+        backends = cfg.logger.backends if cfg is not None else ["tensorboard"]
+        if writes and "tensorboard" in backends:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tb"))
+        if writes and cfg is not None and set(backends) - {"tensorboard"}:
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+            assert isinstance(config, dict)
+            self.trackers = Trackers(cfg.logger, run_dir, config, log_level=cfg.log_level)
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **metrics}
@@ -88,8 +105,11 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
 
     def rewind(self, step: int) -> None:
         """Rank 0: drop what an earlier (crashed) run in this folder logged after `step`, where this run
@@ -97,7 +117,14 @@ class MetricsLog:
         is kept; damaged lines and rows superseded by a restart are logged (`_read_rows`, `_latest_timeline`)
         and removed from the file."""
         if self.path.exists():
-            rows = [(n, r) for n, r in _read_rows(self.path) if r["step"] <= step] if step else []
+            logged = _read_rows(self.path) if step else []  # a fresh start drops every row: none is read
+            again = any(r["step"] > step for _, r in logged) if step else bool(self.path.read_text().strip())
+            if again and self.trackers is not None:
+                log.warning("the steps from %d on that an earlier run logged here (it stopped without a checkpoint "
+                            "there) run again: W&B keeps the values it has for them (it ignores a step at or below "
+                            "its last), MLflow keeps both; metrics.jsonl and TensorBoard only the new ones",
+                            step + 1 if step else 0)
+            rows = [(n, r) for n, r in logged if r["step"] <= step]
             self.history = [r for _, r in _latest_timeline(self.path, rows)]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
@@ -120,6 +147,10 @@ class MetricsLog:
             post["mismatch"] = f"{metrics['logprob_diff_mean']:.1e}"
         return post
 
-    def close(self) -> None:
+    def close(self, how: str | None = None, code: int = 0) -> None:
+        """TensorBoard's writer, then the trackers' runs, ended as `how` (finished | failed | stopped); None:
+        from the exception being handled (called from `finally:`), finished when there is none."""
         if self.writer is not None:
             self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close(how, code)

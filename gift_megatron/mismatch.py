@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def mismatch_stats(engine_logp_BT: torch.Tensor, trainer_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+def mismatch_stats(behaviour_logp_BT: torch.Tensor, trainer_logp_BT: torch.Tensor,
+                   mask_BT: torch.Tensor) -> torch.Tensor:
     """[sum |engine - trainer|, response tokens, max |engine - trainer|] (float64; sum-reducible, then max)."""
-    diff = (engine_logp_BT - trainer_logp_BT).abs() * mask_BT
+    diff = (behaviour_logp_BT - trainer_logp_BT).abs() * mask_BT
     return torch.tensor([float(diff.sum()), float(mask_BT.sum()), float(diff.max())], dtype=torch.float64)
 
 
@@ -15,16 +16,16 @@ def summarize(stats: torch.Tensor) -> dict[str, float]:
     return {"logprob_diff_mean": float(stats[0] / stats[1].clamp(min=1)), "logprob_diff_max": float(stats[2])}
 
 
-def logprob_mismatch(engine_logp_BT: torch.Tensor, trainer_logp_BT: torch.Tensor,
+def logprob_mismatch(behaviour_logp_BT: torch.Tensor, trainer_logp_BT: torch.Tensor,
                      mask_BT: torch.Tensor) -> dict[str, float]:
     """Mean and max |engine - trainer| over response tokens (logged every step)."""
-    return summarize(mismatch_stats(engine_logp_BT, trainer_logp_BT, mask_BT))
+    return summarize(mismatch_stats(behaviour_logp_BT, trainer_logp_BT, mask_BT))
 
 
 DEFAULT_MAX_MISMATCH = {"float32": 1e-3, "bfloat16": 1e-1, "float16": 1e-1}
 """rollout.max_logprob_mismatch when unset, by model.params_dtype: the mean |engine - trainer| per
 response token above which the engine is taken to sample from other weights than the trainer's
-(README, "Weight sync"; docs/reliability.md)."""
+(docs/rollouts.md, "The mismatch alarm"; docs/reliability.md)."""
 
 
 class MismatchError(RuntimeError):

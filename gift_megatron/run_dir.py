@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".gift.lock"
@@ -39,7 +40,8 @@ class RunLock:
     """`RunLock(folder).acquire(what)` ... `release()`; also a context manager."""
 
     def __init__(self, folder: Path | str) -> None:
-        self.folder, self._file = Path(folder), None
+        self.folder = Path(folder)
+        self._file: TextIO | None = None
 
     @property
     def path(self) -> Path:

@@ -4,12 +4,14 @@
    explicit rewards r and the advantages A = (r - mean_g r) / (std_g r + eps)
    (algo/advantages.py `group_advantages`);
 2. this rank's shard (megatron/sharding.py): rank 0's batch broadcast, G/DP samples of each prompt;
-3. log-probs of the sampled tokens: the policy's (checked against the engine's: a wrong sync stops
-   the run before it trains on it; the old policy's for PPO-style losses) and the reference's;
-4. the policy update (megatron/train_step.py `train_rollout_batch`) with the loss `algo.build_loss`
-   built once: for GIFT `gift_loss` (algo/losses.py), where the implicit reward s = sum_t
-   (log pi - log pi_ref) is z-scored per prompt, z all-reduced over DP (algo/grouping.py), and the
-   loss is mean_i (A_i - z_i)^2;
+3. log-probs of the sampled tokens under the three policies: `behaviour_logp` came with the batch
+   (the engine's, the weights that generated); the trainer's at the step's start, `proximal_logp`,
+   are checked against them (a wrong sync stops the run before it trains on it) and kept for
+   PPO-style losses; `ref_logp` are the reference's;
+4. the update: one `train_mini_batch` (megatron/train_step.py) per mini-batch with `self.loss`
+   (algo.build_loss, built once): for GIFT `gift_loss` (algo/losses.py), where the implicit reward
+   s = sum_t (log pi - log pi_ref) is z-scored per prompt, z all-reduced over DP (algo/grouping.py),
+   and the loss is mean_i (A_i - z_i)^2;
 5. weight sync into the engine, and every `algo.reference_refresh_every` steps a new reference.
 
 With `rollout.max_staleness` = k > 0, step 1 takes a batch generated ahead on a background thread
@@ -49,15 +51,15 @@ from gift_megatron.megatron.checkpoint import (
     save_checkpoint,
     weights_finite,
 )
-from gift_megatron.megatron.policy import Policy, copy_weights, move_chunks
+from gift_megatron.megatron.policy import Chunk, Policy, copy_weights, move_chunks
 from gift_megatron.megatron.sharding import broadcast_rollout, dp_shard, logprob_mismatch
-from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs, train_rollout_batch
+from gift_megatron.megatron.train_step import MicroBatching, StageLogprobs, compute_logprobs, train_mini_batch
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.metrics_log import MetricsLog
 from gift_megatron.mismatch import DEFAULT_MAX_MISMATCH, MismatchAlarm
-from gift_megatron.rollout.ahead import RolloutsAhead, load_pending, save_pending
+from gift_megatron.rollout.ahead import load_pending, save_pending
 from gift_megatron.rollout.data import PromptSampler
-from gift_megatron.rollout.stage import Rollout, RolloutStage
+from gift_megatron.rollout.stage import Rollout, Rollouts
 from gift_megatron.run_dir import LOCK_NAME, RunDirBusy, RunLock
 from gift_megatron.stop import Preempted, StopFlag
 
@@ -119,8 +121,7 @@ class PhaseTimer:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, policy: Policy, reference: list | None,
-                 rollouts: RolloutStage | RolloutsAhead | None,
+    def __init__(self, cfg: Config, policy: Policy, reference: list[Chunk] | None, rollouts: Rollouts | None,
                  state: TrainState, run_dir: Path, resume_from: Path | None = None, meaning: dict | None = None,
                  lock: RunLock | None = None) -> None:
         self.cfg, self.policy, self.reference, self.rollouts = cfg, policy, reference, rollouts
@@ -133,21 +134,27 @@ class Trainer:
                                       p.tensor_model_parallel_size if p.sequence_parallel else 1, p.sequence_packing)
         # GIFT under token budgets: whole-group statistics before micro-batches cut groups
         self.group_statistics = build_group_statistics(cfg.algo) if p.max_tokens_per_micro_batch else None
-        self.metrics = MetricsLog(run_dir, writes=self.rank0)
+        self.metrics = MetricsLog(run_dir, writes=self.rank0, cfg=cfg)  # + W&B / MLflow runs (logger.backends)
         r = cfg.rollout
         self.alarm = MismatchAlarm(r.max_logprob_mismatch or DEFAULT_MAX_MISMATCH[cfg.model.params_dtype],
                                    r.mismatch_patience, log)
         self.nonfinite = NonFiniteGuard(cfg.optim.max_nonfinite_steps, run_dir / "checkpoints")
 
+    @property
+    def rollout_side(self) -> Rollouts:
+        """The rollout side (engine, task, rewards), which only global rank 0 holds."""
+        assert self.rollouts is not None, "only global rank 0 holds the rollout side"
+        return self.rollouts
+
     def step(self) -> dict[str, float]:
         """One RL step (the module docstring's 1-5); its metrics, the rollout's on rank 0 only."""
         n, timer, algo = self.state.step + 1, PhaseTimer(), self.cfg.algo
-        rollout = self.rollouts.next() if self.rank0 else None  # 1. scored groups with A
+        rollout = self.rollout_side.next() if self.rank0 else None  # 1. scored groups with A
         maybe_fail("step_rollout", n)
         metrics = dict(rollout.metrics) if rollout else {}
-        batch, version = self._shard(rollout)  # 2.
+        batch, version = self._shard(rollout)  # 2. (with behaviour_logp_BT, the engine's)
         metrics["staleness"] = float(n - 1 - version)  # policy versions between generating and training weights
-        with timer("old_logprobs"):  # 3.
+        with timer("policy_logprobs"):  # 3. the proximal policy's (this step's start), checked against the engine's
             logp, checked = self._policy_logprobs(batch, n, fresh=version == n - 1)
             metrics |= checked
         with timer("reference"):
@@ -156,12 +163,14 @@ class Trainer:
             with timer("verify"):
                 metrics |= self._verify_ahead(n)
         maybe_fail("step_logprobs", n)
-        with timer("train"):  # 4. the loss: self.loss
-            updates = train_rollout_batch(self.policy, self.loss, batch, num_mini_batches=algo.num_mini_batches,
-                                          micro_batch_size=self.batching, temperature=self.cfg.rollout.temperature,
-                                          vocab_size=self.cfg.model.vocab_size, entropy=self.cfg.log_entropy,
-                                          group_statistics=self.group_statistics, current_logp_BT=logp,
-                                          logp_known=self.group_statistics is not None)
+        with timer("train"):  # 4. one optimizer step per mini-batch with the loss (GIFT: gift_loss)
+            parts = batch.mini_batches(algo.num_mini_batches)
+            first = logp.rows(slice(0, len(parts[0]))) if logp is not None else None  # later: the weights moved
+            updates = [train_mini_batch(self.policy, self.loss, part, batching=self.batching,
+                                        temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
+                                        entropy=self.cfg.log_entropy, group_statistics=self.group_statistics,
+                                        initial_logp=first if i == 0 else None)
+                       for i, part in enumerate(parts)]
         metrics |= _mean_over_updates(updates)
         applied = sum(u["update_skipped"] == 0 for u in updates)
         self.state.optimizer_steps += applied
@@ -197,27 +206,27 @@ class Trainer:
         every = self.cfg.rollout.verify_every
         return every > 0 and (n - 1) % every == 0
 
-    def _policy_logprobs(self, batch: RolloutBatch, n: int, fresh: bool) -> tuple[torch.Tensor | None, dict]:
-        """The policy's log-probs before the update: checked against the engine's on verified steps when
-        the batch was generated with these weights (`fresh`; the alarm stops the run before this step
-        trains), kept as the old (proximal) policy's for PPO-style losses, and GIFT's whole-group
-        statistics under token budgets."""
-        verify, metrics = fresh and self._verified(n), {}
-        if not (verify or self.cfg.algo.needs_old_logprobs or self.group_statistics):
+    def _policy_logprobs(self, batch: RolloutBatch, n: int, fresh: bool) -> tuple[StageLogprobs | None, dict]:
+        """The proximal policy's log-probs (the trainer's weights before the update), when needed: checked
+        against the engine's (behaviour) on verified steps when the batch was generated with these weights
+        (`fresh`; the alarm stops the run before this step trains), kept as `proximal_logp_BT` for
+        PPO-style losses, and GIFT's whole-group statistics under token budgets. None on every rank or none."""
+        verify, metrics = fresh and self._verified(n), dict[str, float]()
+        if not (verify or self.cfg.algo.needs_proximal_logprobs or self.group_statistics):
             return None, metrics
         logp = self._logprobs(self.policy.chunks, batch)
         if verify:
             metrics = logprob_mismatch(batch, logp)
             self.alarm.check(n, metrics)
-        if self.cfg.algo.needs_old_logprobs:
-            batch.old_logp_BT = logp
-        return logp, metrics
+        if self.cfg.algo.needs_proximal_logprobs:
+            batch.proximal_logp_BT = logp
+        return StageLogprobs(logp), metrics
 
     def _verify_ahead(self, n: int) -> dict[str, float]:
         """A verified step whose batch is stale: the engine is checked on a batch generated ahead with the
         trainer's current weights (version n - 1), before this step's update moves them (waiting for
         that batch if the generator has not finished it). Costs one forward pass over it."""
-        ahead = self.rollouts.generated_with(n - 1).batch if self.rank0 else None
+        ahead = self.rollout_side.generated_with(n - 1).batch if self.rank0 else None
         batch, _ = broadcast_rollout(ahead, [], self.cfg.algo.group_size)
         batch = dp_shard(batch)
         metrics = logprob_mismatch(batch, self._logprobs(self.policy.chunks, batch))
@@ -228,6 +237,7 @@ class Trainer:
         """The reference's log-probs when the algorithm has one (GIFT's baseline, a KL term)."""
         if not self.cfg.algo.needs_reference:
             return None
+        assert self.reference is not None, "build makes a reference whenever the algorithm needs one"
         offload = self.cfg.parallel.offload_reference  # GPU only (validated): host memory between passes
         if offload:
             move_chunks(self.reference, "cuda")
@@ -242,13 +252,13 @@ class Trainer:
         weights = gather_hf_weights(self.policy.chunks, self.cfg.model)  # other ranks: sent, nothing back
         if not self.rank0:
             return {}
-        sync = self.rollouts.load_weights(weights, version)
+        sync = self.rollout_side.load_weights(weights, version)
         metrics = {"time_sync": sync.seconds, "sync_gb_per_s": sync.gb_per_s}
-        if isinstance(self.rollouts, RolloutsAhead):  # the sync waited for the generation round in progress
-            metrics["time_wait_round"] = self.rollouts.waited_s
+        if self.rollout_side.waited_s is not None:  # rollouts ahead: the sync waited for the round in progress
+            metrics["time_wait_round"] = self.rollout_side.waited_s
         return metrics
 
-    def _checkpointed_reference(self) -> list | None:
+    def _checkpointed_reference(self) -> list[Chunk] | None:
         """The reference chunks when they are not the frozen initial policy (then checkpoints hold them)."""
         return self.reference if self.reference is not None and self.cfg.algo.reference_refresh_every else None
 
@@ -258,9 +268,9 @@ class Trainer:
         the sampler, the pending batches, and what the run trains."""
         self._check_lock()
         files, pending = {}, {"count": 0, "versions": []}
-        if self.rank0 and isinstance(self.rollouts, RolloutsAhead):
-            batches, sampler = self.rollouts.pending()
-            files[PENDING_FILE] = lambda path: save_pending(path, batches, sampler)
+        batches, after = self.rollout_side.pending() if self.rank0 else ([], {})
+        if batches:  # rollouts ahead: generated, not yet trained (and the sampler's state after them)
+            files[PENDING_FILE] = lambda path: save_pending(path, batches, after)
             pending = {"count": len(batches), "versions": [b.version for b in batches]}
         sampler = self.state.sampler.state_dict()
         run_state = {"optimizer_steps": self.state.optimizer_steps, "sampler": sampler, "pending": pending,
@@ -287,33 +297,34 @@ class Trainer:
         if self.resume_from is None:
             return
         state = load_checkpoint(self.resume_from, self.policy, reference=self._checkpointed_reference(), verify=False)
-        summary = read_state(self.resume_from)
+        summary = read_state(self.resume_from) or {}  # load_checkpoint verified it: an older one may have none
         self.state.sampler.load_state_dict(state["sampler"])
         self.state.step = int(state["step"])
         self.state.optimizer_steps = int(summary.get("optimizer_steps", self.policy.scheduler.num_steps))
         self.state.last_update_skipped = bool(summary.get("update_skipped", False))
         if self.rank0:
-            self.rollouts.sampler.load_state_dict(state["sampler"])  # the stage's: after the batches trained
-            if isinstance(self.rollouts, RolloutsAhead):
-                self.rollouts.restore(self.state.step, *self._saved_pending(summary))
+            self.rollout_side.sampler.load_state_dict(state["sampler"])  # the stage's: after the batches trained
+            self.rollout_side.restore(self.state.step, *self._saved_pending(summary))
         self.sync_weights(self.state.step)
         if self.rank0:
             log.info("resumed from %s (step %d)", self.resume_from, self.state.step)
 
-    def _saved_pending(self, summary: dict) -> tuple[list, dict | None]:
+    def _saved_pending(self, summary: dict) -> tuple[list[Rollout], dict[str, int] | None]:
         """The checkpoint's batches generated ahead, checked against what state.json says it holds."""
+        assert self.resume_from is not None
         saved = self.resume_from / PENDING_FILE
         pending, sampler = load_pending(saved) if saved.exists() else ([], None)
         want = summary.get("pending", {"count": 0, "versions": []})
-        got = {"count": len(pending), "versions": [r.version for r in pending]}
-        if got != want or any(v > self.state.step for v in got["versions"]):
+        versions = [r.version for r in pending]
+        got = {"count": len(pending), "versions": versions}
+        if got != want or any(v > self.state.step for v in versions):
             raise CorruptCheckpoint(f"{self.resume_from}: its batches generated ahead ({got}) disagree with "
                                     f"{STATE} ({want}) at step {self.state.step}: resume from an older checkpoint")
         return pending, sampler
 
     def _evaluate(self) -> dict[str, float]:
         start = time.perf_counter()
-        metrics = self.rollouts.evaluate(self.cfg.eval_num_samples)
+        metrics = self.rollout_side.evaluate(self.cfg.eval_num_samples)
         return metrics | {"time_eval": time.perf_counter() - start}
 
     def run(self) -> dict[str, float]:
@@ -323,7 +334,7 @@ class Trainer:
             self.metrics.rewind(self.state.step)
         evals_on = cfg.data.num_eval_prompts > 0 or cfg.data.eval_path is not None
         if self.state.step == 0 and self.rank0 and evals_on:
-            self.metrics.add(0, self.rollouts.evaluate(cfg.eval_num_samples))
+            self.metrics.add(0, self.rollout_side.evaluate(cfg.eval_num_samples))
         bar = tqdm(total=cfg.num_steps, initial=self.state.step, desc=cfg.algo.name, unit="step",
                    disable=not self.rank0)
         try:

@@ -79,7 +79,7 @@ def local_batch(cfg: Config, seed=0):
     tokens, resp, rewards, adv, old, ref = step_batch(seed)
     dp = cfg.parallel.data_parallel_size
     idx = dp_sample_indices(P, G, ps.get_data_parallel_rank(), dp)
-    return RolloutBatch(tokens[idx], resp[idx], rewards[idx], adv[idx], G // dp, old_logp_BT=old[idx],
+    return RolloutBatch(tokens[idx], resp[idx], rewards[idx], adv[idx], G // dp, proximal_logp_BT=old[idx],
                         ref_logp_BT=ref[idx])
 
 
@@ -104,7 +104,7 @@ def train(policy, cfg: Config, batch, steps: int = 1) -> list[dict]:
     from gift_megatron.megatron.train_step import train_mini_batch
 
     loss_fn, stats = build_loss(cfg.algo), build_group_statistics(cfg.algo)
-    return [train_mini_batch(policy, loss_fn, batch, micro_batch_size=batching(cfg), temperature=1.0, vocab_size=V,
+    return [train_mini_batch(policy, loss_fn, batch, batching=batching(cfg), temperature=1.0, vocab_size=V,
                              group_statistics=stats) for _ in range(steps)]
 
 

@@ -17,8 +17,8 @@ def test_pad_groups_by_hand():
     assert b.response_mask_BS.tolist() == [[0, 0, 1, 1], [0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]]
     # logp at t - 1 for the token at t: the same positions as response_mask_BS[:, 1:]
     want = torch.tensor([[0, -0.5, -0.1], [0, -1.0, 0], [-0.2, -0.3, -0.4], [0, 0, 0]])
-    torch.testing.assert_close(b.engine_logp_BT, want)
-    assert torch.equal((b.engine_logp_BT != 0).float(), b.mask_BT)
+    torch.testing.assert_close(b.behaviour_logp_BT, want)
+    assert torch.equal((b.behaviour_logp_BT != 0).float(), b.mask_BT)
     assert b.samples_per_prompt == 2 and b.num_prompts == 2
     assert b.group_index_B.tolist() == [0, 0, 1, 1]
     assert response_lengths(groups).tolist() == [2, 1, 3, 0]
@@ -34,7 +34,7 @@ def test_select_takes_the_rows_of_every_per_sample_tensor():
     s = b.select(torch.tensor([1, 3, 5]))
     assert s.tokens_BS[:, 0].tolist() == [10, 11, 12] and s.rewards_B.tolist() == [1.0, 3.0, 5.0]
     assert s.advantages_B.tolist() == [-1.0, -3.0, -5.0] and s.ref_logp_BT[:, 0].tolist() == [1.0, 3.0, 5.0]
-    assert s.engine_logp_BT.shape == (3, 2) and s.old_logp_BT is None and s.samples_per_prompt == 2
+    assert s.behaviour_logp_BT.shape == (3, 2) and s.proximal_logp_BT is None and s.samples_per_prompt == 2
 
 
 def test_token_budget_bins_by_hand():
@@ -75,10 +75,11 @@ def test_resize_and_sequence_lengths():
     b = pad_groups(prompts, groups, pad_id=0)
     assert b.sequence_lengths().tolist() == [4, 3, 4, 2]  # through the last response token; 2 at least
     short = b.select(torch.tensor([1, 3])).resize(3)
-    assert short.tokens_BS.tolist() == [[10, 11, 6], [12, 0, 0]] and short.engine_logp_BT.shape == (2, 2)
+    assert short.tokens_BS.tolist() == [[10, 11, 6], [12, 0, 0]] and short.behaviour_logp_BT.shape == (2, 2)
     longer = b.resize(6)
-    assert longer.tokens_BS.shape == (4, 6) and longer.engine_logp_BT.shape == (4, 5)
-    assert longer.response_mask_BS[:, 4:].sum() == 0 and torch.equal(longer.engine_logp_BT[:, :3], b.engine_logp_BT)
+    assert longer.tokens_BS.shape == (4, 6) and longer.behaviour_logp_BT.shape == (4, 5)
+    assert longer.response_mask_BS[:, 4:].sum() == 0
+    assert torch.equal(longer.behaviour_logp_BT[:, :3], b.behaviour_logp_BT)
 
 
 def test_packed_rows_by_hand():

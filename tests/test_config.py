@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gift_megatron.config import Config, register_configs, to_config
+from gift_megatron.algo import ALGORITHMS, GiftOptions
+from gift_megatron.config import AlgoConfig, Config, register_configs, to_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -33,7 +34,7 @@ def test_default_config():
     names = (cfg.algo.name, cfg.model.name, cfg.rollout.engine, cfg.data.name)
     assert names == ("gift", "tiny-llama", "vllm", "addition")
     assert cfg.model.kv_channels == 32 and cfg.parallel.data_parallel_size == 1
-    assert cfg.algo.needs_reference and not cfg.algo.needs_old_logprobs
+    assert cfg.algo.needs_reference and not cfg.algo.needs_proximal_logprobs
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
@@ -327,3 +328,24 @@ def test_range_checks_are_nan_safe():
                   lambda: _within("s", "x", nan, 0, 1)):
         with pytest.raises(ValueError, match="s.x=nan"):
             check()
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_algo_config_constructs_with_its_defaults_for_every_algorithm(name):
+    """The schema is the one source of defaults: `AlgoConfig(name=x)` is what `algo=x` composes (the YAML
+    groups carry only the name), and each algorithm gets its own clips, aggregation and reference refresh."""
+    algo = AlgoConfig(name=name)
+    assert algo == compose_config(f"algo={name}").algo
+    assert OmegaConf.load(CONF / "algo" / f"{name}.yaml") == {"name": name}
+    want = {"gift": (0.2, 0.2, "seq-mean-token-mean", 20), "grpo": (0.2, 0.2, "seq-mean-token-mean", 0),
+            "dapo": (0.2, 0.28, "token-mean", 0), "gspo": (3e-4, 4e-4, "seq-mean-token-mean", 0)}[name]
+    assert (algo.clip_ratio_low, algo.clip_ratio_high, algo.loss_agg_mode, algo.reference_refresh_every) == want
+    assert (algo.dynamic_sampling, algo.overlong_buffer_length) == ((True, 2) if name == "dapo" else (False, 0))
+    assert algo.gift_options == GiftOptions()  # GIFT's defaults: one frozen object, the loss's own
+
+
+def test_an_explicit_value_wins_over_the_algorithms_default():
+    assert compose_config("algo=dapo", "algo.clip_ratio_high=0.3").algo.clip_ratio_high == 0.3
+    assert AlgoConfig(name="gspo", clip_ratio_low=0.1).clip_ratio_low == 0.1
+    with pytest.raises(ValueError, match="algo.reference_refresh_every=20 but algo grpo uses no reference"):
+        compose_config("algo=grpo", "algo.reference_refresh_every=20")

@@ -84,7 +84,7 @@ SOMETIMES = {  # each drawn with probability 0.15 from its (valid) values
     "optim.lr_decay_style": ["linear", "cosine"], "optim.lr_warmup_steps": [1, 3], "optim.min_lr": [1e-5],
     "rollout.temperature": [0.7, 1.5], "rollout.top_p": [0.9], "rollout.max_new_tokens": [1, 12, 48],
     "algo.kl_coef": [0.05], "algo.loss_agg_mode": ["token-mean", "seq-mean-token-sum-norm"],
-    "algo.advantage": ["drgrpo"], "algo.baseline": ["old"], "algo.detach_stats": [False],
+    "algo.advantage": ["drgrpo"], "algo.baseline": ["proximal"], "algo.detach_stats": [False],
     "algo.skip_uninformative_groups": [True], "algo.dynamic_sampling": [True], "algo.overlong_buffer_length": [2, 6],
     "algo.reference_refresh_every": [0, 1], "algo.length_norm_power": [1.0], "eval_num_samples": [2],
     "eval_every": [1], "save_every": [1], "log_entropy": [False], "data.warmup_max_steps": [0],

@@ -244,14 +244,15 @@ def test_loading_something_that_is_not_a_checkpoint_names_the_fix(tmp_path):
 
 def _minibatch_worker(rank, world, ckpt):
     from gift_megatron.megatron.checkpoint import load_model_weights
-    from gift_megatron.megatron.train_step import train_rollout_batch
+    from gift_megatron.megatron.train_step import MicroBatching, train_mini_batch
 
     # 2 mini-batches of 2 prompts, 1 micro-batch each; STEP: the second step's loss depends on the first update
     cfg = W.make_config(world, num_micro_batches=2, **STEP)
     policy = W.setup(cfg)
     load_model_weights(ckpt, policy.chunks)
-    steps = train_rollout_batch(policy, W.build_loss(cfg.algo), W.local_batch(cfg), num_mini_batches=2,
-                                micro_batch_size=cfg.parallel.micro_batch_size, temperature=1.0, vocab_size=W.V)
+    batching = MicroBatching(cfg.parallel.micro_batch_size)
+    steps = [train_mini_batch(policy, W.build_loss(cfg.algo), part, batching=batching, temperature=1.0, vocab_size=W.V)
+             for part in W.local_batch(cfg).mini_batches(2)]
     return [(m["loss"], m["grad_norm"]) for m in steps]
 
 

@@ -48,7 +48,7 @@ def _trainer_logprobs(chunks, sequences, prompt_lens):
     from megatron.core import parallel_state as ps
 
     from gift_megatron.batch import RolloutBatch
-    from gift_megatron.megatron.train_step import compute_logprobs
+    from gift_megatron.megatron.train_step import MicroBatching, compute_logprobs
 
     S = max(len(s) for s in sequences)
     tokens = torch.zeros(len(sequences), S, dtype=torch.long)
@@ -56,7 +56,7 @@ def _trainer_logprobs(chunks, sequences, prompt_lens):
         tokens[i, : len(s)] = torch.tensor(s)
     zeros = torch.zeros(len(sequences))
     logp = compute_logprobs(chunks, RolloutBatch(tokens, torch.zeros(tokens.shape), zeros, zeros, 1),
-                            micro_batch_size=len(sequences), temperature=1.0, vocab_size=MODEL.vocab_size)
+                            MicroBatching(len(sequences)), temperature=1.0, vocab_size=MODEL.vocab_size)
     box = [logp]
     dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
                                group=ps.get_pipeline_model_parallel_group())

@@ -14,7 +14,7 @@ from gift_megatron.algo import LossBatch, LossNorm, group_advantages
 LOSS_CASES = {
     "gift": dict(name="gift", baseline="reference", length_norm_power=0.0, detach_stats=True,
                  implicit_std_floor=1e-2, z_scale=1.0, adv_eps=1e-6, skip_uninformative_groups=False),
-    "gift_old_lennorm": dict(name="gift", baseline="old", length_norm_power=1.0, detach_stats=True,
+    "gift_old_lennorm": dict(name="gift", baseline="proximal", length_norm_power=1.0, detach_stats=True,
                              implicit_std_floor=1e-2, z_scale=2.0, adv_eps=1e-6, skip_uninformative_groups=True),
     "gift_attached": dict(name="gift", baseline="reference", length_norm_power=0.0, detach_stats=False,
                           implicit_std_floor=1e-2, z_scale=1.0, adv_eps=1e-6, skip_uninformative_groups=False),
@@ -39,7 +39,7 @@ class ToyRollout:
     mask_BT: torch.Tensor
     rewards_B: torch.Tensor
     group_index_B: torch.Tensor
-    old_logp_BT: torch.Tensor
+    proximal_logp_BT: torch.Tensor
     ref_logp_BT: torch.Tensor
     weight_HV: torch.Tensor  # the toy policy: logits = feats @ weight
     num_groups: int
@@ -71,7 +71,8 @@ def loss_batch(r: ToyRollout, logp_BT: torch.Tensor, idx: torch.Tensor | None = 
     n = r.num_groups if num_groups is None else num_groups
     adv = group_advantages(r.rewards_B[idx], gi, n, process_group=dp_group)
     return LossBatch(logp_BT=logp_BT, mask_BT=r.mask_BT[idx], advantages_B=adv, rewards_B=r.rewards_B[idx],
-                     group_index_B=gi, num_groups=n, old_logp_BT=r.old_logp_BT[idx], ref_logp_BT=r.ref_logp_BT[idx])
+                     group_index_B=gi, num_groups=n, proximal_logp_BT=r.proximal_logp_BT[idx],
+                     ref_logp_BT=r.ref_logp_BT[idx])
 
 
 def full_norm(r: ToyRollout) -> LossNorm:

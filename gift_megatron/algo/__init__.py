@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from gift_megatron.algo.advantages import GroupFilter, group_advantages, overlong_penalty
 from gift_megatron.algo.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 from gift_megatron.algo.losses import (
+    AGG_MODES,
+    BASELINES,
+    GiftOptions,
+    GroupStatisticsFn,
     LossBatch,
+    LossFn,
     LossNorm,
     aggregate,
     gift_group_statistics,
@@ -21,19 +25,21 @@ from gift_megatron.algo.losses import (
 )
 
 ALGORITHMS = ("gift", "grpo", "dapo", "gspo")
+"""The trainer's algorithms (AlgoConfig.name), the one list of them."""
 
 __all__ = [
-    "ALGORITHMS", "GroupFilter", "LossBatch", "LossNorm", "aggregate", "build_group_statistics", "build_loss",
+    "AGG_MODES", "ALGORITHMS", "BASELINES", "GiftOptions", "GroupFilter", "GroupStatisticsFn", "LossBatch", "LossFn",
+    "LossNorm", "aggregate", "build_group_statistics", "build_loss",
     "gift_group_statistics", "gift_loss",
     "global_norm", "group_advantages", "gspo_loss", "overlong_penalty", "ppo_clip_loss", "sft_loss",
     "vocab_parallel_entropy", "vocab_parallel_logprobs",
 ]
 
 
-def build_loss(algo: Any) -> Callable[..., Any]:
+def build_loss(algo: Any) -> LossFn:
     """The loss of `algo` (an AlgoConfig) as `fn(batch, norm, dp_group=...) -> (loss, metrics)`."""
     if algo.name == "gift":
-        return partial(gift_loss, **_gift_options(algo))
+        return partial(gift_loss, options=GiftOptions.of(algo))
     if algo.name in ("grpo", "dapo"):  # DAPO is PPO-clip with its own defaults (conf/algo/dapo.yaml)
         return partial(
             ppo_clip_loss, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
@@ -47,15 +53,9 @@ def build_loss(algo: Any) -> Callable[..., Any]:
     raise ValueError(f"unknown algo.name {algo.name!r}: use one of {ALGORITHMS}")
 
 
-def build_group_statistics(algo: Any) -> Callable[..., Any] | None:
+def build_group_statistics(algo: Any) -> GroupStatisticsFn | None:
     """For losses whose per-sample terms need whole-group statistics of the current policy (GIFT's
     z-scored implicit reward): `fn(batch, norm, dp_group=...) -> WholeGroups`, taken over a whole
     mini-batch before token-budget micro-batches cut its groups. None for the others (their terms
     are per sample or per token)."""
-    return partial(gift_group_statistics, **_gift_options(algo)) if algo.name == "gift" else None
-
-
-def _gift_options(algo: Any) -> dict[str, Any]:
-    return dict(baseline=algo.baseline, length_norm_power=algo.length_norm_power, detach_stats=algo.detach_stats,
-                implicit_std_floor=algo.implicit_std_floor, z_scale=algo.z_scale,
-                skip_uninformative_groups=algo.skip_uninformative_groups, eps=algo.adv_eps)
+    return partial(gift_group_statistics, options=GiftOptions.of(algo)) if algo.name == "gift" else None

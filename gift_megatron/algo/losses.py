@@ -13,7 +13,8 @@ schedule (no host sync per micro-batch on GPU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,49 @@ import torch.distributed as dist
 from gift_megatron.algo.grouping import GroupStats, all_reduce_sum, group_stats, group_sum, group_zscore, zscore_with
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+BASELINES = ("reference", "proximal")
+
+
+@dataclass(frozen=True)
+class GiftOptions:
+    """GIFT's loss options, the one place their defaults live (AlgoConfig's GIFT fields take theirs from
+    here); `gift_loss` and `gift_group_statistics` take them together, so the two never disagree."""
+
+    baseline: str = "reference"
+    """The implicit reward's baseline policy: `reference` (the paper) or `proximal` (the trainer at the
+    step's start; the authors' code, where it is called the old policy)."""
+    length_norm_power: float = 0.0
+    """p in s / L^p (0: plain sum of token log-ratios)."""
+    detach_stats: bool = True
+    """Detach the implicit reward's group mean/std (gradient only through s_i)."""
+    implicit_std_floor: float = 1.0
+    """Floor on the implicit reward's group std in the z-score's denominator (> 0)."""
+    z_scale: float = 1.0
+    """z_i is multiplied by this before the MSE."""
+    skip_uninformative_groups: bool = False
+    """Groups whose rewards are all equal contribute nothing."""
+    eps: float = 1e-6
+    """The eps of the z-score (s - mean) / (std + eps); AlgoConfig.adv_eps."""
+
+    @classmethod
+    def of(cls, algo: Any) -> GiftOptions:
+        """From an AlgoConfig (or anything with its field names; `adv_eps` is the z-scores' eps)."""
+        return cls(**{f.name: getattr(algo, "adv_eps" if f.name == "eps" else f.name) for f in fields(cls)})
+
+
+class LossFn(Protocol):
+    """An algorithm's loss (algo.build_loss): this micro-batch's share of the mini-batch loss, and its
+    metrics as detached 0-dim tensors."""
+
+    def __call__(self, batch: LossBatch, norm: LossNorm, *,
+                 dp_group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class GroupStatisticsFn(Protocol):
+    """Whole-group statistics of a mini-batch before micro-batches cut its groups (algo.build_group_statistics)."""
+
+    def __call__(self, batch: LossBatch, norm: LossNorm, *, dp_group: dist.ProcessGroup | None = None) -> WholeGroups:
+        ...
 
 
 @dataclass
@@ -33,9 +77,9 @@ class LossBatch:
     rewards_B: torch.Tensor | None = None  # explicit rewards (GIFT's beta(x) metric)
     group_index_B: torch.Tensor | None = None  # prompt of each sample in [0, num_groups)
     num_groups: int = 0
-    old_logp_BT: torch.Tensor | None = None  # rollout-time policy (detached)
+    proximal_logp_BT: torch.Tensor | None = None  # the trainer at the step's start (detached; PPO ratios)
     ref_logp_BT: torch.Tensor | None = None  # frozen reference policy (detached)
-    behav_logp_BT: torch.Tensor | None = None  # the engine's, of the weights that generated (truncated IS)
+    behaviour_logp_BT: torch.Tensor | None = None  # the engine's: the weights that generated (truncated IS)
     groups: WholeGroups | None = None  # GIFT: statistics of whole groups, when this micro-batch cuts groups
 
 
@@ -85,6 +129,13 @@ def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str, norm: Los
     raise ValueError(f"unknown loss_agg_mode {mode!r}: use one of {AGG_MODES}")
 
 
+def _needed(t: torch.Tensor | None, name: str) -> torch.Tensor:
+    """A LossBatch field the loss cannot do without."""
+    if t is None:
+        raise ValueError(f"this loss needs LossBatch.{name}, which is None")
+    return t
+
+
 def _seq_sum(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     return (x_BT * mask_BT).sum(-1)
 
@@ -105,21 +156,16 @@ def _percentiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
 def gift_loss(
     batch: LossBatch,
     norm: LossNorm,
+    options: GiftOptions = GiftOptions(),
     *,
-    baseline: str = "reference",
-    length_norm_power: float = 0.0,
-    detach_stats: bool = True,
-    implicit_std_floor: float = 1.0,
-    z_scale: float = 1.0,
-    skip_uninformative_groups: bool = False,
-    eps: float = 1e-6,
     dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GIFT: mean over samples of (A_i - z_i)^2 (docs/design.md).
 
-    s_i = sum_t (log pi - log pi_base) / L_i^p is the implicit reward, pi_base the frozen reference
-    (`reference`) or the rollout-time policy (`old`). z_i is s_i z-scored over its whole group
-    (statistics all-reduced over `dp_group`), scaled by `z_scale`. Detached statistics (default):
+    s_i = sum_t (log pi - log pi_base) / L_i^p is the implicit reward, pi_base the reference
+    (`reference`) or the proximal policy, the trainer at the step's start (`proximal`). z_i is s_i
+    z-scored over its whole group (statistics all-reduced over `dp_group`), scaled by `z_scale`.
+    Detached statistics (default):
     gradient flows only through s_i; otherwise also through the group mean and std.
 
     Degenerate groups: the std in the denominator is floored at `implicit_std_floor` (> 0). Below
@@ -131,20 +177,25 @@ def gift_loss(
     target z = 0 pulls the samples' implicit rewards together, towards the baseline, with no reward
     information); the mean still divides by every sample, as GRPO's zero advantages do.
     """
+    o = options
+    baseline, length_norm_power, detach_stats, implicit_std_floor, z_scale, skip_uninformative_groups, eps = (
+        o.baseline, o.length_norm_power, o.detach_stats, o.implicit_std_floor, o.z_scale, o.skip_uninformative_groups,
+        o.eps)
     s_B = _implicit_reward(batch, baseline, length_norm_power)
-    index_B, whole = batch.group_index_B, batch.groups
+    index_B, whole = _needed(batch.group_index_B, "group_index_B"), batch.groups
+    rewards_B, advantages_B = _needed(batch.rewards_B, "rewards_B"), _needed(batch.advantages_B, "advantages_B")
     if whole is None:  # this micro-batch holds whole groups (on every DP rank): statistics from it
         z_B, s_stats = group_zscore(
             s_B, index_B, batch.num_groups,
             eps=eps, std_floor=implicit_std_floor, detach_stats=detach_stats, process_group=dp_group,
         )
-        r_stats = group_stats(batch.rewards_B, index_B, batch.num_groups, dp_group)
+        r_stats = group_stats(rewards_B, index_B, batch.num_groups, dp_group)
     else:  # taken over the whole mini-batch beforehand (see WholeGroups)
         s_stats, r_stats = whole.implicit, whole.rewards
         z_B = zscore_with(s_B, s_stats, index_B, eps=eps, std_floor=implicit_std_floor)
     z_B = z_scale * z_B
     # Sample mean over the whole mini-batch: divide by the global sample count.
-    sq_err_B = (batch.advantages_B.to(torch.float64) - z_B).square()
+    sq_err_B = (advantages_B.to(torch.float64) - z_B).square()
     if skip_uninformative_groups:
         sq_err_B = sq_err_B * (r_stats.std_P[index_B] > 0)
     loss = sq_err_B.sum() / norm.num_samples
@@ -168,7 +219,7 @@ def gift_loss(
 
 def _implicit_reward(batch: LossBatch, baseline: str, length_norm_power: float) -> torch.Tensor:
     """s_i = sum_t (log pi - log pi_base) / L_i^p."""
-    base_BT = batch.ref_logp_BT if baseline == "reference" else batch.old_logp_BT
+    base_BT = batch.ref_logp_BT if baseline == "reference" else batch.proximal_logp_BT
     if base_BT is None:
         raise ValueError(f"GIFT baseline {baseline!r} needs its log-probs in the batch")
     s_B = _seq_sum(batch.logp_BT - base_BT, batch.mask_BT)
@@ -181,28 +232,27 @@ def _implicit_reward(batch: LossBatch, baseline: str, length_norm_power: float) 
 def gift_group_statistics(
     batch: LossBatch,
     norm: LossNorm,
+    options: GiftOptions = GiftOptions(),
     *,
-    baseline: str = "reference",
-    length_norm_power: float = 0.0,
-    detach_stats: bool = True,
-    implicit_std_floor: float = 1.0,
-    z_scale: float = 1.0,
-    skip_uninformative_groups: bool = False,
-    eps: float = 1e-6,
     dp_group: dist.ProcessGroup | None = None,
 ) -> WholeGroups:
     """`WholeGroups` of a whole mini-batch (this rank's rows, every DP rank taking part), from log-probs
     at the current weights (`batch.logp_BT`, no gradient needed): gift_loss's options, same values."""
-    index_B, P = batch.group_index_B, batch.num_groups
+    o = options
+    baseline, length_norm_power, detach_stats, implicit_std_floor, z_scale, skip_uninformative_groups, eps = (
+        o.baseline, o.length_norm_power, o.detach_stats, o.implicit_std_floor, o.z_scale, o.skip_uninformative_groups,
+        o.eps)
+    index_B, P = _needed(batch.group_index_B, "group_index_B"), batch.num_groups
     s_B = _implicit_reward(batch, baseline, length_norm_power).to(torch.float64)
-    s, r = group_stats(s_B, index_B, P, dp_group), group_stats(batch.rewards_B, index_B, P, dp_group)
+    s, r = group_stats(s_B, index_B, P, dp_group), group_stats(_needed(batch.rewards_B, "rewards_B"), index_B, P,
+                                                               dp_group)
     dmean_P, dstd_P = torch.zeros_like(s.mean_P), torch.zeros_like(s.mean_P)
     if not detach_stats:
         # L = sum_i w_i (A_i - z_i)^2 / N, z_i = k (s_i - mean) / D, D = max(std, floor) + eps.
         D_P = s.std_P.clamp(min=implicit_std_floor) + eps
         z_B = z_scale * zscore_with(s_B, s, index_B, eps=eps, std_floor=implicit_std_floor)
         w_B = (r.std_P[index_B] > 0).double() if skip_uninformative_groups else torch.ones_like(s_B)
-        e_B = 2 * w_B * (batch.advantages_B.to(torch.float64) - z_B) / norm.num_samples
+        e_B = 2 * w_B * (_needed(batch.advantages_B, "advantages_B").to(torch.float64) - z_B) / norm.num_samples
         dL_dmean_P = group_sum(e_B, index_B, P, dp_group) * z_scale / D_P  # dz_i/dmean = -k / D
         dL_dD_P = group_sum(e_B * z_B, index_B, P, dp_group) / D_P  # dz_i/dD = -z_i / D
         dmean_P = dL_dmean_P / s.count_P
@@ -224,14 +274,14 @@ def _ratio_metrics(log_ratio: torch.Tensor, mask: torch.Tensor, clipped: torch.T
     return {
         "ratio_mean": _masked_mean(log_ratio.exp(), mask),
         "clip_frac": _masked_mean(clipped.float(), mask),
-        "approx_kl_old": _masked_mean(0.5 * log_ratio.square(), mask),
+        "approx_kl_proximal": _masked_mean(0.5 * log_ratio.square(), mask),
     }
 
 
 def _behaviour(batch: LossBatch) -> torch.Tensor:
-    if batch.behav_logp_BT is None:
-        raise ValueError("truncated IS (algo.tis_cap > 0) needs the engine's log-probs of the samples (behav_logp)")
-    return batch.behav_logp_BT
+    if batch.behaviour_logp_BT is None:
+        raise ValueError("truncated IS (algo.tis_cap > 0) needs the engine's log-probs of the samples (behaviour_logp)")
+    return batch.behaviour_logp_BT
 
 
 def _tis_weight(log_w: torch.Tensor, mask: torch.Tensor, cap: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -254,33 +304,35 @@ def ppo_clip_loss(
     batch: LossBatch,
     norm: LossNorm,
     *,
-    clip_ratio_low: float = 0.2,
-    clip_ratio_high: float = 0.2,
-    kl_coef: float = 0.0,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    tis_cap: float = 0.0,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    kl_coef: float,
+    loss_agg_mode: str,
+    tis_cap: float,
     dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO's (and DAPO's) token-level PPO-clip surrogate, optional k3 KL to the reference.
+    """GRPO's (and DAPO's) token-level PPO-clip surrogate, optional k3 KL to the reference. The options
+    have no defaults here: AlgoConfig and conf/algo/*.yaml hold them (algo.build_loss passes them).
 
-    loss_t = w_t max(-A r_t, -A clip(r_t, 1 - low, 1 + high)) + kl_coef * k3_t, r_t = pi / pi_old.
+    loss_t = w_t max(-A r_t, -A clip(r_t, 1 - low, 1 + high)) + kl_coef * k3_t, r_t = pi / pi_prox.
     GRPO: low = high = 0.2, seq-mean-token-mean. DAPO: 0.2 / 0.28 (clip-higher), token-mean, no KL.
-    pi_old is the proximal policy (the trainer's weights at the start of the step); with rollouts
+    pi_prox is the proximal policy (the trainer's weights at the start of the step); with rollouts
     generated by older weights (rollout.max_staleness > 0) `tis_cap` > 0 adds decoupled PPO's
-    importance weight w_t = min(pi_old / pi_behav, tis_cap) (detached; truncated IS, verl's and
-    NeMo-RL's correction), pi_behav the engine's log-probs; w_t = 1 otherwise.
+    importance weight w_t = min(pi_prox / pi_behaviour, tis_cap) (detached; truncated IS, verl's and
+    NeMo-RL's correction), pi_behaviour the engine's log-probs; w_t = 1 otherwise.
     """
-    if batch.old_logp_BT is None:
-        raise ValueError("PPO-clip losses need the rollout policy's log-probs (old_logp)")
-    log_ratio_BT = batch.logp_BT - batch.old_logp_BT
+    if batch.proximal_logp_BT is None:
+        raise ValueError("PPO-clip losses need the proximal policy's log-probs (proximal_logp: the trainer at the "
+                         "step's start)")
+    log_ratio_BT = batch.logp_BT - batch.proximal_logp_BT
     ratio_BT = log_ratio_BT.exp()
-    adv_BT = batch.advantages_B.unsqueeze(-1).to(ratio_BT.dtype)
+    adv_BT = _needed(batch.advantages_B, "advantages_B").unsqueeze(-1).to(ratio_BT.dtype)
     unclipped_BT = -adv_BT * ratio_BT
     clipped_BT = -adv_BT * ratio_BT.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
     loss_BT = torch.maximum(unclipped_BT, clipped_BT)
     metrics: dict[str, torch.Tensor] = {}
     if tis_cap:
-        weight_BT, metrics = _tis_weight(batch.old_logp_BT - _behaviour(batch), batch.mask_BT, tis_cap)
+        weight_BT, metrics = _tis_weight(batch.proximal_logp_BT - _behaviour(batch), batch.mask_BT, tis_cap)
         loss_BT = loss_BT * weight_BT
     if kl_coef:
         if batch.ref_logp_BT is None:
@@ -298,31 +350,32 @@ def gspo_loss(
     batch: LossBatch,
     norm: LossNorm,
     *,
-    clip_ratio_low: float = 3e-4,
-    clip_ratio_high: float = 4e-4,
-    kl_coef: float = 0.0,
-    tis_cap: float = 0.0,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    kl_coef: float,
+    tis_cap: float,
     dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GSPO: sequence-level ratio s_i = exp(mean_t log(pi / pi_old)), clipped at 3e-4 / 4e-4.
+    """GSPO: sequence-level ratio s_i = exp(mean_t log(pi / pi_prox)), clipped at 1 - low / 1 + high
+    (the paper's 3e-4 / 4e-4: conf/algo/gspo.yaml).
 
     loss = mean over sequences of w_i max(-A s_i, -A clip(s_i, 1 - low, 1 + high)) (seq-mean), plus
     an optional k3 KL with seq-mean-token-mean aggregation. `tis_cap` > 0: w_i = min(exp(mean_t
-    log(pi_old / pi_behav)), tis_cap), the sequence-level truncated importance weight (ppo_clip_loss).
+    log(pi_prox / pi_behaviour)), tis_cap), the sequence-level truncated importance weight (ppo_clip_loss).
     """
-    if batch.old_logp_BT is None:
-        raise ValueError("GSPO needs the rollout policy's log-probs (old_logp)")
+    if batch.proximal_logp_BT is None:
+        raise ValueError("GSPO needs the proximal policy's log-probs (proximal_logp: the trainer at the step's start)")
     mask_BT = batch.mask_BT
-    log_ratio_BT = batch.logp_BT - batch.old_logp_BT
+    log_ratio_BT = batch.logp_BT - batch.proximal_logp_BT
     seq_log_ratio_B = _seq_sum(log_ratio_BT, mask_BT) / mask_BT.sum(-1).clamp(min=1)
     seq_ratio_B = seq_log_ratio_B.exp()
-    adv_B = batch.advantages_B.to(seq_ratio_B.dtype)
+    adv_B = _needed(batch.advantages_B, "advantages_B").to(seq_ratio_B.dtype)
     unclipped_B = -adv_B * seq_ratio_B
     clipped_B = -adv_B * seq_ratio_B.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
     loss_B = torch.maximum(unclipped_B, clipped_B)
     metrics: dict[str, torch.Tensor] = {}
     if tis_cap:
-        seq_behav_B = _seq_sum(batch.old_logp_BT - _behaviour(batch), mask_BT) / mask_BT.sum(-1).clamp(min=1)
+        seq_behav_B = _seq_sum(batch.proximal_logp_BT - _behaviour(batch), mask_BT) / mask_BT.sum(-1).clamp(min=1)
         weight_B, metrics = _tis_weight(seq_behav_B, torch.ones_like(seq_behav_B), tis_cap)
         loss_B = loss_B * weight_B
     loss = loss_B.sum() / norm.num_samples
@@ -336,6 +389,6 @@ def gspo_loss(
         metrics.update({
             "ratio_mean": seq_ratio_B.detach().mean(),
             "clip_frac": (clipped_B > unclipped_B).float().mean(),
-            "approx_kl_old": _masked_mean(0.5 * log_ratio_BT.square(), mask_BT),
+            "approx_kl_proximal": _masked_mean(0.5 * log_ratio_BT.square(), mask_BT),
         })
     return loss, metrics

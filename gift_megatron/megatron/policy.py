@@ -6,17 +6,21 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from gift_megatron.config import ModelConfig, OptimConfig, ParallelConfig
 from gift_megatron.megatron.model import DTYPES, build_gpt_models
 
+Chunk = torch.nn.Module
+"""A model chunk: this rank's part of one virtual pipeline stage (a GPTModel; the policy's wrapped in
+megatron's DistributedDataParallel, the reference's plain)."""
+
 
 @dataclass
 class Policy:
     chunks: list[DistributedDataParallel]  # one per virtual pipeline stage
-    optimizer: object  # MegatronOptimizer
+    optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
 
 
@@ -78,7 +82,7 @@ def build_policy(model: ModelConfig, parallel: ParallelConfig, optim: OptimConfi
     return Policy(ddp_chunks, optimizer, scheduler)
 
 
-def build_reference(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool) -> list[torch.nn.Module]:
+def build_reference(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: bool) -> list[Chunk]:
     """The frozen reference: same layout as the policy, eval mode, no grads, no optimizer state."""
     chunks = build_gpt_models(model, parallel, on_gpu=on_gpu)
     for chunk in chunks:
@@ -87,14 +91,14 @@ def build_reference(model: ModelConfig, parallel: ParallelConfig, *, on_gpu: boo
     return chunks
 
 
-def move_chunks(chunks: list[torch.nn.Module], device: str | torch.device) -> None:
+def move_chunks(chunks: list[Chunk], device: str | torch.device) -> None:
     """Offload the reference to host memory between uses on GPUs (and bring it back)."""
     for chunk in chunks:
         chunk.to(device)
 
 
 @torch.no_grad()
-def copy_weights(src_chunks, dst_chunks) -> None:
+def copy_weights(src_chunks: list[Chunk], dst_chunks: list[Chunk]) -> None:
     """Copy model weights between two identically laid-out sets of chunks (e.g. policy -> reference)."""
     for src, dst in zip(src_chunks, dst_chunks):
         src_sd = getattr(src, "module", src).state_dict()

@@ -25,8 +25,8 @@ def broadcast_rollout(batch: RolloutBatch | None, extra: list[int], group_size: 
     B, S, *extra = header.tolist()
     if dist.get_rank() != 0:
         batch = RolloutBatch(torch.empty(B, S, dtype=torch.long), torch.empty(B, S), torch.empty(B), torch.empty(B),
-                             group_size, engine_logp_BT=torch.empty(B, S - 1))
-    for t in (batch.tokens_BS, batch.response_mask_BS, batch.rewards_B, batch.advantages_B, batch.engine_logp_BT):
+                             group_size, behaviour_logp_BT=torch.empty(B, S - 1))
+    for t in (batch.tokens_BS, batch.response_mask_BS, batch.rewards_B, batch.advantages_B, batch.behaviour_logp_BT):
         dist.broadcast(t, 0)
     return batch, extra
 
@@ -46,7 +46,7 @@ def logprob_mismatch(batch: RolloutBatch, trainer_logp_BT: torch.Tensor | None) 
     """Engine vs trainer log-probs over every rank's samples (the last stage has them; TP ranks agree)."""
     stats = torch.zeros(3, dtype=torch.float64)
     if trainer_logp_BT is not None and ps.get_tensor_model_parallel_rank() == 0:
-        stats = mismatch_stats(batch.engine_logp_BT, trainer_logp_BT, batch.mask_BT)
+        stats = mismatch_stats(batch.behaviour_logp_BT, trainer_logp_BT, batch.mask_BT)
     if dist.get_world_size() > 1:
         peak = stats[2:].clone()
         dist.all_reduce(stats)

@@ -2,7 +2,7 @@
 
 Legend: B = samples on this DP rank, S = sequence positions, T = S - 1 predicted positions.
 
-A `RolloutBatch` (rollout/batch.py) is this DP rank's share of one mini-batch, prompt-major (G/DP samples of each
+A `RolloutBatch` (gift_megatron/batch.py) is this DP rank's share of one mini-batch, prompt-major (G/DP samples of each
 prompt in turn). Micro-batches (`MicroBatching`) are either contiguous slices of `micro_batch_size`
 samples, whole groups, the same prompts on every DP rank (docs/design.md), all padded to the batch's
 longest sequence; or, with a token budget, this rank's samples sorted by length and packed into bins
@@ -11,15 +11,17 @@ every DP rank (megatron's schedules run the same number of micro-batches everywh
 groups: losses that need whole-group statistics (GIFT's z) get them over the whole mini-batch first
 (`algo.build_group_statistics`), so the loss and gradient equal the fixed-batch ones.
 
-The forward step runs the model chunk; on the last pipeline stage the loss function turns the
-vocab-sharded logits into log-probs and calls the algorithm's loss with the DP group. Pipelining
+`train_mini_batch(policy, loss, batch, ...)` is one optimizer step with the algorithm's loss (GIFT:
+algo/losses.py gift_loss), handed over by the caller: `run_schedule` runs megatron-core's schedule,
+whose forward step runs the model chunk and, on the last pipeline stage, `_loss_func` turns the
+vocab-sharded logits into log-probs and calls `loss` with the DP group. Pipelining
 (none, 1F1B, interleaved) is megatron-core's `get_forward_backward_func`, chosen from the parallel
 state; varying micro-batch shapes need its `variable_seq_lengths` (set by megatron/model.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -31,8 +33,9 @@ from megatron.core.utils import get_model_config
 
 from gift_megatron.algo import LossBatch, LossNorm, global_norm, vocab_parallel_entropy, vocab_parallel_logprobs
 from gift_megatron.algo.layout import packed_rows, round_up, split_bins, token_budget_bins
-from gift_megatron.algo.losses import WholeGroups
+from gift_megatron.algo.losses import GroupStatisticsFn, LossFn, WholeGroups
 from gift_megatron.batch import RolloutBatch
+from gift_megatron.megatron.policy import Policy
 
 
 def _causal_mask(seq_len: int, device) -> torch.Tensor:
@@ -49,6 +52,17 @@ class MicroBatching:
     max_tokens: int = 0
     pad_multiple: int = 1
     pack: bool = False  # with max_tokens: several sequences per row (see PackedRow)
+
+
+@dataclass(frozen=True)
+class StageLogprobs:
+    """Log-probs of a forward pass over a batch: every pipeline stage takes part, the last holds them
+    (`logp_BT`, B x T), the others None. Whether a caller has one is the same on every rank."""
+
+    logp_BT: torch.Tensor | None
+
+    def rows(self, idx: slice) -> StageLogprobs:
+        return StageLogprobs(self.logp_BT[idx] if self.logp_BT is not None else None)
 
 
 @dataclass
@@ -94,7 +108,7 @@ class MicroBatches:
     rows: list[torch.Tensor]
     computed: int
     needed: int
-    packed: list[PackedRow | None]
+    packed: Sequence[PackedRow | None]
 
 
 def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
@@ -108,14 +122,15 @@ def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
                             B * S, needed, [None] * len(rows))
     cut = packed_rows if batching.pack else token_budget_bins
     bins = cut(lengths, batching.max_tokens, batching.pad_multiple)
-    count = torch.tensor([len(bins)])
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    most = torch.tensor([len(bins)])
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    count = int(most)
     if parallel_state.get_virtual_pipeline_model_parallel_world_size():  # the interleaved schedule's rule
-        count = round_up(int(count), parallel_state.get_pipeline_model_parallel_world_size())
-    if int(count) > B:
-        raise ValueError(f"{int(count)} micro-batches needed (a multiple of the pipeline size under interleaving) "
+        count = round_up(count, parallel_state.get_pipeline_model_parallel_world_size())
+    if count > B:
+        raise ValueError(f"{count} micro-batches needed (a multiple of the pipeline size under interleaving) "
                          f"but this rank holds {B} samples: raise parallel.max_tokens_per_micro_batch")
-    bins = split_bins(bins, int(count))
+    bins = split_bins(bins, count)
     indexed = replace(batch, prompt_index_B=batch.group_index_B)  # rows leave prompt-major order
     rows = [torch.tensor(b) for b in bins]
     longest = [lengths[b[0]] for b in bins]  # each bin's first is its longest
@@ -133,7 +148,7 @@ def micro_batches(batch: RolloutBatch, batching: MicroBatching) -> MicroBatches:
 class StepContext:
     """What the loss function needs besides the micro-batch."""
 
-    loss_fn: Callable | None  # algo loss; None: forward-only log-prob collection
+    loss_fn: LossFn | None  # the algorithm's loss; None: forward-only log-prob collection
     norm: LossNorm | None
     temperature: float
     vocab_size: int
@@ -157,9 +172,10 @@ def _loss_func(mb: RolloutBatch, row: PackedRow | None, ctx: StepContext, logits
         return logp_BT.sum() * 0.0, zero, {"logp": logp_BT.detach()}
     batch = LossBatch(
         logp_BT=logp_BT, mask_BT=mb.mask_BT.to(logp_BT.dtype), advantages_B=mb.advantages_B, rewards_B=mb.rewards_B,
-        group_index_B=mb.group_index_B, num_groups=mb.num_prompts, old_logp_BT=mb.old_logp_BT,
-        ref_logp_BT=mb.ref_logp_BT, behav_logp_BT=mb.engine_logp_BT, groups=ctx.groups,
+        group_index_B=mb.group_index_B, num_groups=mb.num_prompts, proximal_logp_BT=mb.proximal_logp_BT,
+        ref_logp_BT=mb.ref_logp_BT, behaviour_logp_BT=mb.behaviour_logp_BT, groups=ctx.groups,
     )
+    assert ctx.norm is not None, "a loss comes with its mini-batch's norm"
     loss, metrics = ctx.loss_fn(batch, ctx.norm, dp_group=ctx.dp_group)
     with torch.no_grad():
         if ctx.entropy:
@@ -205,18 +221,14 @@ def _context(loss_fn, norm, temperature: float, vocab_size: int, entropy: bool =
                        parallel_state.get_data_parallel_group(), entropy, groups)
 
 
-def _batching(batching: MicroBatching | int) -> MicroBatching:
-    return batching if isinstance(batching, MicroBatching) else MicroBatching(batching)
-
-
 @torch.no_grad()
-def compute_logprobs(chunks, batch: RolloutBatch, micro_batch_size: MicroBatching | int, temperature: float,
+def compute_logprobs(chunks, batch: RolloutBatch, batching: MicroBatching, temperature: float,
                      vocab_size: int) -> torch.Tensor | None:
     """Forward-only log-probs of tokens_BS[:, 1:] (B x T, zero past each micro-batch's length) on the
-    last pipeline stage; None elsewhere. `micro_batch_size`: a MicroBatching, or a fixed size."""
+    last pipeline stage; None elsewhere."""
     for chunk in chunks:
         chunk.eval()
-    mbs = micro_batches(batch, _batching(micro_batch_size))
+    mbs = micro_batches(batch, batching)
     outs = run_schedule(chunks, mbs, _context(None, None, temperature, vocab_size), forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
@@ -267,22 +279,23 @@ def _broadcast_metrics(metrics: dict[str, float], src: int, group) -> dict[str, 
     return dict(zip(keys, values.tolist()))
 
 
-def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: MicroBatching | int,
-                     temperature: float, vocab_size: int, entropy: bool = True, group_statistics=None,
-                     current_logp_BT: torch.Tensor | None = None, logp_known: bool = False) -> dict[str, float]:
-    """One optimizer step on one mini-batch; returns metrics reduced over micro-batches and ranks.
+def train_mini_batch(policy: Policy, loss_fn: LossFn, batch: RolloutBatch, *, batching: MicroBatching,
+                     temperature: float, vocab_size: int, entropy: bool = True,
+                     group_statistics: GroupStatisticsFn | None = None,
+                     initial_logp: StageLogprobs | None = None) -> dict[str, float]:
+    """One optimizer step on one mini-batch with `loss_fn` (the algorithm's loss: algo.build_loss);
+    returns metrics reduced over micro-batches and ranks.
 
     `group_statistics` (algo.build_group_statistics; GIFT) with token-budget micro-batches: the
-    whole-group statistics at the current weights, from `current_logp_BT` when `logp_known` (the
-    caller computed the policy's log-probs at these weights: known on the last stage, None elsewhere;
-    the same flag on every rank) or else a forward-only pass."""
-    batching, dp_group = _batching(micro_batch_size), parallel_state.get_data_parallel_group()
+    whole-group statistics at the current weights, from `initial_logp` when the caller has the
+    policy's log-probs of this batch at these weights, or else from a forward-only pass."""
+    dp_group = parallel_state.get_data_parallel_group()
     norm = global_norm(batch.mask_BT, batch.mask_BT.shape[1], dp_group)
     mbs = micro_batches(batch, batching)
     groups = None
     if group_statistics is not None and batching.max_tokens:
-        logp_BT = current_logp_BT if logp_known else compute_logprobs(policy.chunks, batch, batching, temperature,
-                                                                      vocab_size)
+        logp_BT = initial_logp.logp_BT if initial_logp is not None else compute_logprobs(
+            policy.chunks, batch, batching, temperature, vocab_size)
         groups = _whole_groups(group_statistics, batch, norm, logp_BT)
     for chunk in policy.chunks:
         chunk.train()
@@ -306,14 +319,15 @@ def train_mini_batch(policy, loss_fn, batch: RolloutBatch, *, micro_batch_size: 
     return metrics
 
 
-def _whole_groups(group_statistics, batch: RolloutBatch, norm: LossNorm,
+def _whole_groups(group_statistics: GroupStatisticsFn, batch: RolloutBatch, norm: LossNorm,
                   logp_BT: torch.Tensor | None) -> WholeGroups | None:
     """Whole-group statistics of the mini-batch on the last stage (where the loss runs); None elsewhere."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
+    assert logp_BT is not None, "the last pipeline stage holds the forward pass's log-probs"
     full = LossBatch(logp_BT=logp_BT, mask_BT=batch.mask_BT.to(logp_BT.dtype), advantages_B=batch.advantages_B,
                      rewards_B=batch.rewards_B, group_index_B=batch.group_index_B, num_groups=batch.num_prompts,
-                     old_logp_BT=batch.old_logp_BT, ref_logp_BT=batch.ref_logp_BT)
+                     proximal_logp_BT=batch.proximal_logp_BT, ref_logp_BT=batch.ref_logp_BT)
     return group_statistics(full, norm, dp_group=parallel_state.get_data_parallel_group())
 
 
@@ -330,20 +344,3 @@ def _nonfinite_anywhere(chunks, outs: list[dict]) -> bool:
     if dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
-
-
-def train_rollout_batch(policy, loss_fn, batch: RolloutBatch, *, num_mini_batches: int,
-                        micro_batch_size: MicroBatching | int, temperature: float, vocab_size: int,
-                        entropy: bool = True, group_statistics=None, current_logp_BT: torch.Tensor | None = None,
-                        logp_known: bool = False) -> list[dict[str, float]]:
-    """Several optimizer steps on one rollout batch: contiguous prompt ranges, one step each.
-    `current_logp_BT` with `logp_known`: the policy's log-probs of the whole batch before the first step."""
-    B = batch.tokens_BS.shape[0]
-    assert B % num_mini_batches == 0 and (B // num_mini_batches) % batch.samples_per_prompt == 0
-    size = B // num_mini_batches
-    return [train_mini_batch(policy, loss_fn, batch.select(slice(i, i + size)), micro_batch_size=micro_batch_size,
-                             temperature=temperature, vocab_size=vocab_size, entropy=entropy,
-                             group_statistics=group_statistics,
-                             current_logp_BT=current_logp_BT[i: i + size] if current_logp_BT is not None else None,
-                             logp_known=logp_known and i == 0)  # later mini-batches: the weights have moved
-            for i in range(0, B, size)]

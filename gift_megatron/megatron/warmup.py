@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 
 class Example(Protocol):
-    prompt_ids: list[int]
-    answer_ids: list[int]
+    @property
+    def prompt_ids(self) -> list[int]: ...
+    @property
+    def answer_ids(self) -> list[int]: ...
 
 
 class SupervisedTask(Protocol):
@@ -187,6 +189,7 @@ def initial_weights(cfg: Config, run_dir: Path, task: SupervisedTask | None) -> 
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (path / "metadata.json").exists():
                 if dist.get_world_size() == 1:
+                    assert task is not None, "rank 0 holds the task"
                     train_warmup(cfg, task, path)
                 else:
                     _warmup_in_subprocess(run_dir, path)

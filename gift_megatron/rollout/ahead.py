@@ -46,7 +46,7 @@ class StalenessError(RuntimeError):
 
 
 class RolloutsAhead:
-    """RolloutStage's interface (next, load_weights, evaluate, close) with generation ahead of training."""
+    """The `Rollouts` protocol (rollout/stage.py) with generation ahead of training."""
 
     def __init__(self, stage: RolloutStage, max_staleness: int) -> None:
         if max_staleness < 1:
@@ -61,7 +61,7 @@ class RolloutsAhead:
         self._claims = 0  # trainer-thread users of the engine (waiting or holding)
         self._stop = False
         self._error: BaseException | None = None
-        self.waited_s = 0.0  # the trainer's last wait for the engine (a round in progress)
+        self.waited_s: float | None = 0.0  # the trainer's last wait for the engine (a round in progress)
         self._thread = threading.Thread(target=self._generate, name="rollouts-ahead", daemon=True)
 
     def restore(self, trained: int, pending: Iterable[Rollout], sampler_state: dict[str, int] | None) -> None:
@@ -76,6 +76,7 @@ class RolloutsAhead:
                         "%d): their prompts are generated again", len(pending), self.k)
             kept = []
         elif kept:
+            assert sampler_state is not None, "a checkpoint's pending batches come with the sampler's state after them"
             self.sampler.load_state_dict(sampler_state)
         self._ready.extend(kept)
         self._taken = trained

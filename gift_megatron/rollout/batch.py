@@ -29,7 +29,7 @@ def pad_groups(prompts: list[list[int]], groups: list[list[Completion]], pad_id:
             tokens[i, len(p): len(p) + n] = torch.tensor(c.token_ids)
             mask[i, len(p): len(p) + n] = 1.0
             logp[i, len(p) - 1: len(p) - 1 + n] = torch.tensor(c.logprobs)
-    return RolloutBatch(tokens, mask, None, None, B // len(groups), engine_logp_BT=logp)
+    return RolloutBatch(tokens, mask, None, None, B // len(groups), behaviour_logp_BT=logp)
 
 
 def response_lengths(groups: list[list[Completion]]) -> torch.Tensor:

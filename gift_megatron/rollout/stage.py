@@ -10,8 +10,11 @@ ahead of training stands in for this one (rollout/ahead.py, `rollout.max_stalene
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -23,6 +26,8 @@ from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.engine import Completion, Engine, SyncStats
 from gift_megatron.rollout.rewards import GroupScorer
 from gift_megatron.rollout.tasks import Sample, TaskData
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,22 +49,77 @@ class _Groups:
     parts: dict[str, torch.Tensor]
 
 
+class Rollouts(Protocol):
+    """What the trainer uses of its rollout side: `RolloutStage` (generates when asked, max_staleness 0)
+    and `RolloutsAhead` (rollout/ahead.py: generates ahead on a thread) both are one. Rank 0 holds it."""
+
+    sampler: PromptSampler
+    waited_s: float | None
+    """The trainer's wait for the engine in the last load_weights (None: it never waits)."""
+
+    def next(self) -> Rollout:
+        """The next step's scored groups."""
+        ...
+
+    def generated_with(self, version: int) -> Rollout:
+        """A batch generated ahead with weights `version`, not yet taken (verification of stale steps)."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
+        """The policy after `version` steps into the engine."""
+        ...
+
+    def evaluate(self, num_samples: int = 1) -> dict[str, float]:
+        ...
+
+    def pending(self) -> tuple[list[Rollout], dict[str, int]]:
+        """Batches generated but not yet trained, and the prompt sampler's state after them (checkpoints)."""
+        ...
+
+    def restore(self, trained: int, pending: Iterable[Rollout], sampler_state: dict[str, int] | None) -> None:
+        """After a resume: a checkpoint's batches generated ahead, kept if this run's bound allows them."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
 class RolloutStage:
+    """Generates each step's batch when the trainer asks (max_staleness 0): nothing is ever pending."""
+
+    waited_s = None
+
     def __init__(self, algo: AlgoConfig, rollout: RolloutConfig, engine: Engine, task: TaskData, scorer: GroupScorer,
                  sampler: PromptSampler, *, num_prompts: int, seed: int) -> None:
         self.algo, self.rollout, self.engine, self.task = algo, rollout, engine, task
         self.scorer, self.sampler, self.num_prompts, self.seed = scorer, sampler, num_prompts, seed
         self.version = 0  # of the weights the engine holds
 
-    def load_weights(self, named_tensors, version: int) -> SyncStats:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
         """The policy after `version` steps into the engine (Engine.load_weights)."""
         stats = self.engine.load_weights(named_tensors)
         self.version = version
         return stats
 
+    def generated_with(self, version: int) -> Rollout:
+        """Generating on demand, the stage holds no batch made ahead: a trainer that asks is broken."""
+        raise RuntimeError(f"a batch generated ahead with version {version} was asked of the stage, which generates "
+                           f"on demand (rollout.max_staleness=0): every batch is generated with the current weights")
+
+    def pending(self) -> tuple[list[Rollout], dict[str, int]]:
+        return [], self.sampler.state_dict()
+
+    def restore(self, trained: int, pending: Iterable[Rollout], sampler_state: dict[str, int] | None) -> None:
+        """Batches a run with max_staleness > 0 generated ahead are dropped (this run generates on demand):
+        the sampler stays where the trained ones left it, as RolloutsAhead does when its bound is smaller."""
+        dropped = list(pending)
+        if dropped:
+            log.info("dropped %d batches generated ahead by the checkpoint's run (rollout.max_staleness=0 now): "
+                     "their prompts are drawn again", len(dropped))
+
     def next(self) -> Rollout:
         """P prompts x G samples, scored, with advantages; DAPO's dynamic sampling when configured."""
-        start, metrics = time.perf_counter(), {}
+        start, metrics = time.perf_counter(), dict[str, float]()
         if self.algo.dynamic_sampling:
             groups, metrics = self._informative_groups()
         else:
