@@ -30,6 +30,12 @@ class RolloutBatch:
     behaviour_logp_BT: torch.Tensor | None = None  # the engine's (the weights that generated), 0 off the response
     prompt_index_B: torch.Tensor | None = None  # each row's prompt, when rows are not prompt-major (token budgets)
 
+    def __post_init__(self) -> None:
+        """Every tensor field is declared in POSITIONS (how many sequence positions it has), so `resize`
+        and `select` can never skip one silently (a new field must say what it is)."""
+        tensors = {f.name for f in fields(self) if f.name != "samples_per_prompt"}
+        assert tensors == set(POSITIONS), f"RolloutBatch fields {sorted(tensors ^ set(POSITIONS))}: update POSITIONS"
+
     def select(self, idx: torch.Tensor | slice) -> RolloutBatch:
         """Rows `idx` of every per-sample tensor."""
         picked = {f.name: getattr(self, f.name)[idx] for f in fields(self)
@@ -41,8 +47,8 @@ class RolloutBatch:
         padded only to its own longest sample. Positions past a sequence's end never affect it (causal)."""
         def fit(t: torch.Tensor, n: int) -> torch.Tensor:
             return t[:, :n] if t.shape[1] >= n else torch.nn.functional.pad(t, (0, n - t.shape[1]))
-        sized = {f.name: fit(getattr(self, f.name), S - f.name.endswith("_BT")) for f in fields(self)
-                 if f.name.endswith(("_BS", "_BT")) and getattr(self, f.name) is not None}
+        sized = {name: fit(getattr(self, name), S - shorter) for name, shorter in POSITIONS.items()
+                 if shorter is not None and getattr(self, name) is not None}
         return replace(self, **sized)  # type: ignore[arg-type]  # (only the tensor fields, by name)
 
     def mini_batches(self, n: int) -> list[RolloutBatch]:
@@ -76,3 +82,11 @@ class RolloutBatch:
         if self.prompt_index_B is not None:
             return self.prompt_index_B
         return torch.arange(self.tokens_BS.shape[0], device=self.tokens_BS.device) // self.samples_per_prompt
+
+
+POSITIONS: dict[str, int | None] = {
+    "tokens_BS": 0, "response_mask_BS": 0,  # S positions
+    "proximal_logp_BT": 1, "ref_logp_BT": 1, "behaviour_logp_BT": 1,  # T = S - 1 predicted positions
+    "rewards_B": None, "advantages_B": None, "prompt_index_B": None,  # one value per sample
+}
+"""RolloutBatch's tensor fields: by how many positions each is shorter than S (None: per sample only)."""

@@ -17,7 +17,7 @@ from gift_megatron.config import Config
 from gift_megatron.megatron.checkpoint import check_architecture, load_model_weights, read_state, select_checkpoint
 from gift_megatron.megatron.conversion import write_preset
 from gift_megatron.megatron.parallel import init_distributed, init_model_parallel
-from gift_megatron.megatron.policy import build_policy, build_reference, copy_weights, move_chunks
+from gift_megatron.megatron.policy import Policy, build_policy, build_reference, copy_weights, move_chunks
 from gift_megatron.megatron.warmup import initial_weights
 from gift_megatron.megatron.weight_sync import gather_hf_weights
 from gift_megatron.rollout.ahead import RolloutsAhead
@@ -25,7 +25,7 @@ from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.rewards import GroupScorer, build_reward
 from gift_megatron.rollout.stage import RolloutStage
 from gift_megatron.rollout.startup import start_engine, write_hf_folder
-from gift_megatron.rollout.tasks import build_task
+from gift_megatron.rollout.tasks import TaskData, build_task
 from gift_megatron.run_dir import RunLock, changed_meaning, meaning, record_segment, refused_changes
 from gift_megatron.trainer import Trainer, TrainState
 
@@ -61,12 +61,7 @@ def build(cfg: Config, lock: RunLock | None = None) -> Trainer:
         copy_weights(policy.chunks, reference)
         if cfg.parallel.offload_reference:
             move_chunks(reference, "cpu")
-    # A collective that rank 0 consumes lazily while writing: every other rank waits in it until then,
-    # so nothing else collective may come between these two lines.
-    weights = gather_hf_weights(policy.chunks, cfg.model)
-    # Servers given by URL start from their own weights and get ours by sync: write no copy for them.
-    meta = write_hf_folder(run_dir / "hf_policy", cfg.model, weights, task,
-                           with_weights=not cfg.rollout.server_urls) if rank0 else None
+    meta = _initial_hf_folder(cfg, policy, run_dir, task)
     num_train = torch.tensor([len(task.train) if rank0 else 0])
     dist.broadcast(num_train, 0)
     sampler_args = int(num_train), cfg.data.seed
@@ -91,6 +86,17 @@ def build(cfg: Config, lock: RunLock | None = None) -> Trainer:
     if cfg.rollout.server_urls:  # servers started elsewhere hold other weights: sync ours in
         trainer.sync_weights(0)
     return trainer
+
+
+def _initial_hf_folder(cfg: Config, policy: Policy, run_dir: Path, task: TaskData | None) -> list | None:
+    """Collective: the policy gathered into rank 0's HF folder, what vLLM starts from (servers given by URL
+    start from their own weights and get ours by sync: no copy is written for them); returns the
+    tensors' (name, dtype, shape) on rank 0. Rank 0 consumes the gather lazily while writing and every
+    other rank waits in it until then, so the two are one call: no other collective can come between."""
+    weights = gather_hf_weights(policy.chunks, cfg.model)
+    if task is None:  # not rank 0: its part was sent inside the gather
+        return None
+    return write_hf_folder(run_dir / "hf_policy", cfg.model, weights, task, with_weights=not cfg.rollout.server_urls)
 
 
 def check_meaning(resume_from: Path, now: dict, allowed: list[str]) -> dict[str, tuple]:

@@ -91,3 +91,23 @@ def test_packed_rows_by_hand():
     assert packed_rows(lengths, 16, pad_multiple=5) == [[1, 5], [3, 2, 0], [4]]  # 9+5+2 = 16 -> 20 > 16
     with pytest.raises(ValueError, match="a sequence of 9 tokens exceeds"):
         packed_rows(lengths, 8)
+
+
+def test_every_tensor_field_declares_its_positions():
+    """`resize` trims by POSITIONS, not by name suffixes: a new field that does not say how many positions
+    it has is refused at construction (it would otherwise keep the wrong length in every micro-batch)."""
+    from dataclasses import dataclass
+
+    from gift_megatron.batch import POSITIONS, RolloutBatch
+
+    @dataclass
+    class Wider(RolloutBatch):
+        extra_BT: torch.Tensor | None = None
+
+    with pytest.raises(AssertionError, match="extra_BT"):
+        Wider(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), None, None, 1)
+    b = RolloutBatch(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5), torch.zeros(2), torch.zeros(2), 1,
+                     ref_logp_BT=torch.zeros(2, 4))
+    short = b.resize(3)
+    assert [getattr(short, k).shape[1] for k in ("tokens_BS", "response_mask_BS", "ref_logp_BT")] == [3, 3, 2]
+    assert short.rewards_B.shape == (2,) and POSITIONS["rewards_B"] is None

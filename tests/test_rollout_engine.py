@@ -97,8 +97,8 @@ def _in_process_worker(rank, world, hf_dir):
     engine.load_weights(iter(weights.items()))
     restored = engine.checksum()
     groups = engine.generate(PROMPTS, G)
-    seqs, lens, engine_logp, mask = _flatten(groups)
-    mismatch = logprob_mismatch(engine_logp, _trainer_logprobs(chunks, seqs, lens), mask)
+    seqs, lens, behaviour_logp, mask = _flatten(groups)
+    mismatch = logprob_mismatch(behaviour_logp, _trainer_logprobs(chunks, seqs, lens), mask)
     engine.close()
     return {"before": before, "after": after, "one_changed": one_changed, "restored": restored,
             "groups": [[len(c.token_ids) for c in g] for g in groups],
