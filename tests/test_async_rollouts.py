@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
+from gift_megatron.batch import RolloutBatch
 from gift_megatron.rollout.ahead import RolloutsAhead, StalenessError, load_pending, save_pending
-from gift_megatron.rollout.batch import RolloutBatch
 from gift_megatron.rollout.data import PromptSampler
 from gift_megatron.rollout.stage import Rollout
 
@@ -49,7 +49,7 @@ class TimedStage:
         assert self.version == version, "a sync landed inside a generation round"
         idx = self.sampler.next(PER_STEP)
         batch = RolloutBatch(torch.tensor(idx)[:, None].repeat(1, 3), torch.ones(PER_STEP, 3), torch.zeros(PER_STEP),
-                             torch.zeros(PER_STEP), 1, engine_logp_BT=torch.zeros(PER_STEP, 2))
+                             torch.zeros(PER_STEP), 1, behaviour_logp_BT=torch.zeros(PER_STEP, 2))
         return Rollout(batch, {}, idx, (self.sampler.epoch, self.sampler.position), version)
 
     def load_weights(self, weights, version: int):
@@ -118,7 +118,12 @@ def test_a_resume_takes_back_the_batches_generated_ahead(tmp_path, k_after):
     ahead = RolloutsAhead(stage, 1)
     try:
         taken = train(ahead, range(1, 6), random.Random(0), (2, 4))
-        time.sleep(0.05)  # by now the generator has made batch 6 (version 4) and, after sync 5, batch 7
+        # A condition, not a sleep: wait until the generator has made batch 7 and is idle. At k = 1 it
+        # made batch 6 with version 4 and, after sync 5, batch 7, and it may not start batch 8 before
+        # sync 6, so the schedule checked below is the scheduler's, whatever the timing.
+        with ahead._cv:
+            assert ahead._cv.wait_for(lambda: (ahead._next > 7 and not ahead._busy) or ahead._error is not None,
+                                      timeout=60), (ahead._next, len(ahead._ready))
         pending, sampler = ahead.pending()
     finally:
         ahead.close()

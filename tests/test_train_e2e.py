@@ -2,7 +2,7 @@
 
 Runs the real CLI (Hydra) in a subprocess. The supervised warm-up is cached under the runs' parent
 folder, so it is trained once for the whole module. Seeds are fixed: the numbers are reproducible
-on this machine kind; the margins are set below what was measured (README).
+on this machine kind; the margins are set below what was measured (docs/results.md, "Embedded default").
 """
 
 import json
@@ -45,14 +45,14 @@ def test_gift_raises_reward_and_held_out_accuracy(runs):
     """The product's claim, gated well above noise in the same 150 GIFT steps: the mean training reward
     of the last 40 steps beats the first 40 steps' by >= 0.02 AND by >= 3 standard errors of that
     difference (p ~ 0.001 under no learning), the SE computed in this run from the 2 x 40 per-step means
-    (each over 256 samples). Held-out accuracy (500 prompts, greedy) is a secondary check only: one
-    binomial SE there is sqrt(p (1 - p) / 500) = 0.016 to 0.017 at p = 0.15 to 0.17, about what 150
-    steps add, so it is gated at "no worse than the start" (a regression), not at a gain.
+    (each over 256 samples). Held-out accuracy (500 prompts, greedy) is the secondary check: one
+    binomial SE there is sqrt(p (1 - p) / 500) = 0.016 to 0.017 at p = 0.15 to 0.17: it must not fall.
     Measured on this machine kind (2026-11-30), from the two warm-ups the cache has held (the run is
     deterministic for a given warm-up): reward 0.128 -> 0.200 (+0.071, SE 0.0095, z = 7.5) and
     0.091 -> 0.133 (+0.042, SE 0.0066, z = 6.3); held-out 0.172 -> 0.244 (+4.3 SE) and 0.152 -> 0.184
-    (+2.0 SE). The warm-up's accuracy differs between machines and versions, so every gate is relative
-    to the run's own start."""
+    (+2.0 SE); again 2026-12-07 (first warm-up): reward 0.138 -> 0.200 (+0.062, z = 6.8), held-out
+    0.172 -> 0.238 -> 0.220 -> 0.258 (+0.086), vLLM vs trainer max 1.6e-5. The warm-up's accuracy
+    differs between machines and versions, so every gate is relative to the run's own start."""
     rows = train(runs / "gift", "algo=gift", "num_steps=150", "eval_every=50", "save_every=1000")
     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
     steps = [r for r in rows if "reward" in r]
@@ -60,22 +60,45 @@ def test_gift_raises_reward_and_held_out_accuracy(runs):
     rewards = [r["reward"] for r in steps]
     diff, z = _z(rewards[:40], rewards[-40:])
     assert diff >= 0.02 and z >= 3, (diff, z)  # measured z 6.3 and 7.5: the gate is >= 3.3 SE below both
-    assert evals[-1] >= evals[0], evals  # one SE ~0.016; measured +0.032 and +0.072
-    # 1e-3, the run's own float32 alarm value (rollout/verify.py): this test is about learning; sync precision
-    # is gated at 1e-4 (test_weight_sync, test_rollout_engine, test_train_modes). Measured max here 2.1e-5.
-    assert max(r["logprob_diff_max"] for r in steps) < 1e-3  # vLLM and the trainer agree after every sync
+    # Learning is asserted by the reward gate above (z >= 3). Held out, the run must not get worse: measured
+    # +0.032, +0.072, +0.086 (2 to 5 SE of 0.016); a tighter held-out gate would fail on a few percent of CPUs
+    # whose kernels round differently and take another path over 150 steps (not a bug)
+    assert evals[-1] >= evals[0], evals
+    # 2e-4 (was 1e-3, the run's own alarm value): measured max over the 150 steps 2.1e-5 and 1.6e-5, ~10x;
+    # a stale tied head measures 1.6e-2 (test_real_model)
+    assert max(r["logprob_diff_max"] for r in steps) < 2e-4  # vLLM and the trainer agree after every sync
     assert all(r["update_skipped"] == 0 for r in steps)
     assert (runs / "gift" / "checkpoints" / "step_00000150").exists() and (runs / "gift" / "tb").exists()
 
 
-def test_grpo_runs_the_same_loop(runs):
-    """GRPO through the same loop (its learning is compared over seeds in bench/convergence.py: 60 steps
-    on one seed are within noise of the start, measured 0.152 -> 0.118 / 0.168)."""
-    rows = train(runs / "grpo", "algo=grpo", "num_steps=6", "eval_every=6", "save_every=1000")
-    steps = [r for r in rows if "reward" in r]
-    assert len(steps) == 6 and all(r["update_skipped"] == 0 and "clip_frac" in r for r in steps)
-    assert max(r["logprob_diff_max"] for r in steps) < 1e-3  # as in the GIFT run above
-    assert all(r["grad_norm"] > 0 for r in steps if 0 < r["reward"] < 1)
+def test_grpo_and_gspo_are_the_same_update_on_policy(runs):
+    """GRPO and GSPO through the same loop, checked against what they must equal (their learning is
+    compared over seeds in bench/convergence.py: 60 steps on one seed are within noise of the start,
+    measured 0.152 -> 0.118 / 0.168). With one optimizer step per rollout batch every ratio is exactly 1:
+    nothing is clipped, and the loss is -mean(A) = 0 (advantages sum to zero in each group, per-sequence
+    token mean). GSPO's sequence ratio then has GRPO's gradient, so the two runs are the same run
+    (docs/results.md, "GIFT vs GRPO vs DAPO vs GSPO"): measured equal to every digit over 6 steps, grad_norm
+    included."""
+    rows = {algo: train(runs / algo, f"algo={algo}", "num_steps=6", "eval_every=6", "save_every=1000")
+            for algo in ("grpo", "gspo")}
+    for algo, run in rows.items():
+        steps = [r for r in run if "reward" in r]
+        assert len(steps) == 6 and all(r["update_skipped"] == 0 for r in steps), algo
+        # 1e-4 (was 1e-3): measured max 8.7e-6, ~10x; a stale tied head measures 1.6e-2 (test_real_model)
+        assert max(r["logprob_diff_max"] for r in steps) < 1e-4, algo
+        assert all(r["grad_norm"] > 0 for r in steps if 0 < r["reward"] < 1), algo
+        # the policy pass and the update's forward see the same weights: ratio measured exactly 1.0 (float32
+        # noise would be ~1e-7), none clipped even at GSPO's 3e-4; a stale proximal policy is ~1e-2 off
+        assert all(r["clip_frac"] == 0 and abs(r["ratio_mean"] - 1) < 1e-6 for r in steps), (algo, steps)
+        # |loss| measured <= 1.4e-8 (float32 sum of 256 terms of size ~1), gated at 1e-6; a loss that is not
+        # the centred -mean(A) is ~1e-3 off (token-mean aggregation: DAPO's run measured -5.8e-3, -1.3e-3)
+        assert all(abs(r["loss"]) < 1e-6 for r in steps), (algo, [r["loss"] for r in steps])
+    keys = ("reward", "response_length", "entropy", "eval_accuracy")
+    assert [{k: r[k] for k in keys if k in r} for r in rows["gspo"]] == [{k: r[k] for k in keys if k in r}
+                                                                         for r in rows["grpo"]]
+    # grad_norm measured bit-equal; 1e-6 relative leaves float32 room and catches any other gradient
+    assert [r["grad_norm"] for r in rows["gspo"] if "reward" in r] == pytest.approx(
+        [r["grad_norm"] for r in rows["grpo"] if "reward" in r], rel=1e-6)
 
 
 def test_interrupted_run_resumes_exactly(runs, straight_run):
@@ -103,7 +126,7 @@ def test_console_script_composes_the_default_config():
     assert "name: dapo" in proc.stdout and "name: tiny-llama" in proc.stdout
 
 
-def test_dapo_dynamic_sampling_and_gspo_run_in_the_same_loop(runs):
+def test_dapo_dynamic_sampling_in_the_same_loop(runs):
     """DAPO's dynamic sampling (rollout/stage.py, algo's GroupFilter) generates rounds of P groups, keeps
     those whose rewards are not all equal (informative), and stops at P kept or after
     algo.max_sampling_rounds; the logged sampling_rounds and frac_groups_informative (kept, capped at P,
@@ -122,8 +145,6 @@ def test_dapo_dynamic_sampling_and_gspo_run_in_the_same_loop(runs):
     # batch, later rounds do, before the cap
     assert any(1 < r["sampling_rounds"] < max_rounds and r["frac_groups_informative"] == 1 for r in dapo)
     assert sum(r["frac_groups_informative"] for r in dapo) / 3 > 0.9
-    gspo = [r for r in train(runs / "gspo", "algo=gspo", "num_steps=2", "eval_every=100") if "reward" in r]
-    assert len(gspo) == 2 and all("clip_frac" in r for r in gspo)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(runs):
