@@ -104,8 +104,11 @@ def test_staleness_bound_order_and_no_prompt_twice_or_skipped(k, regime, seed):
     assert [r.metrics["rollout_step"] for r in taken] == list(range(1, steps + 1))  # in order, each once
     assert [i for r in taken for i in r.prompts] == drawn(steps)  # every drawn prompt trained exactly once
     assert stage.overlaps == 0 and stage.closed
-    if k == 1:  # timing-independent: batch 1 from version 0, batch n from version n - 2
-        assert [r.version for r in taken] == [0] + list(range(steps - 1)), staleness
+    versions = [r.version for r in taken]
+    assert versions == sorted(versions) and versions[0] == 0, versions  # generated in order: versions never go back
+    # (Which of n - 1 - k .. n - 1 a batch gets depends on whether the generator thread starts it before the
+    # trainer's sync claims the engine: a race the scheduler settles either way. On a loaded machine k = 1
+    # gave [0, 0, 1, 2, 3, 3, 4, ...]; the bound above is what is guaranteed.)
     if regime == "generation faster":  # the generator runs as far ahead as allowed
         assert max(staleness) == k, staleness
 
