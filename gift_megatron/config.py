@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from gift_megatron.algo import ALGORITHMS
-from gift_megatron.algo.losses import AGG_MODES, BASELINES, GiftOptions
+from gift_megatron.algo_options import AGG_MODES, ALGORITHMS, BASELINES, GiftOptions
 from gift_megatron.run_dir import MEANING
 
 if TYPE_CHECKING:

@@ -1,6 +1,8 @@
 """The package's layers, read from its source (every import statement, module level or inside a function):
 
-- algo/ is pure torch: no megatron-core, vLLM, Hydra, nor any other layer of ours but itself;
+- algo/ is pure torch: no megatron-core, vLLM, Hydra, nor any other layer of ours but itself and the
+  pure-Python names and options it shares with the config (algo_options.py);
+- the config, the run folder's lock and the stop flag import no torch (a refused launch answers in seconds);
 - batch.py and mismatch.py (the types both sides share) import torch and algo/ only;
 - megatron/ never imports rollout/, and rollout/ never imports megatron/ or megatron-core;
 - vLLM is imported in rollout/ only, megatron-core in megatron/ only;
@@ -11,6 +13,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,9 +97,20 @@ def test_third_party_stays_in_its_subpackage(library, allowed):
 
 def test_algo_is_pure_torch():
     allowed = {"torch", "math", "dataclasses", "collections", "functools", "typing", "__future__", "gift_megatron"}
+    pure = {"gift_megatron.algo_options"}  # names and option types, pure Python
     for m in (m for m in EXTERNAL if _in(m, "gift_megatron.algo")):
         assert EXTERNAL[m] <= allowed, (m, EXTERNAL[m] - allowed)
-        assert all(_in(i, "gift_megatron.algo") for i in GRAPH[m]), (m, GRAPH[m])
+        assert all(_in(i, "gift_megatron.algo") or i in pure for i in GRAPH[m]), (m, GRAPH[m])
+
+
+def test_what_a_launch_needs_before_the_lock_imports_no_torch():
+    """train.py takes the run folder's lock after composing the config: torch (1.5 s of imports here, far
+    more on a busy node) must not come with it."""
+    code = ("import sys, gift_megatron.config, gift_megatron.run_dir, gift_megatron.stop, gift_megatron.trackers; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_nothing_imports_the_entry_point():

@@ -87,11 +87,15 @@ def test_a_second_launch_on_the_same_folder_is_refused_naming_the_holder(tmp_pat
         while not (run / "checkpoints" / "step_00000002").is_dir():  # the first run is mid-way
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
             time.sleep(0.05)
-        start = time.monotonic()
-        second = _run(run, timeout=120)
-        took = time.monotonic() - start
-        signed = subprocess.run([*VERIFY, "--sign", str(run / "checkpoints" / "step_00000002")], capture_output=True,
-                                text=True, timeout=60)
+        os.kill(first.pid, signal.SIGSTOP)  # held mid-run (still holding the lock) while the others try:
+        try:  # on a busy machine the first run could otherwise finish, and release it, before they start
+            start = time.monotonic()
+            second = _run(run, timeout=120)
+            took = time.monotonic() - start
+            signed = subprocess.run([*VERIFY, "--sign", str(run / "checkpoints" / "step_00000002")],
+                                    capture_output=True, text=True, timeout=60)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
     finally:
         first.kill()

@@ -8,9 +8,6 @@ from typing import Any
 from gift_megatron.algo.advantages import GroupFilter, group_advantages, overlong_penalty
 from gift_megatron.algo.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 from gift_megatron.algo.losses import (
-    AGG_MODES,
-    BASELINES,
-    GiftOptions,
     GroupStatisticsFn,
     LossBatch,
     LossFn,
@@ -23,9 +20,7 @@ from gift_megatron.algo.losses import (
     ppo_clip_loss,
     sft_loss,
 )
-
-ALGORITHMS = ("gift", "grpo", "dapo", "gspo")
-"""The trainer's algorithms (AlgoConfig.name), the one list of them."""
+from gift_megatron.algo_options import AGG_MODES, ALGORITHMS, BASELINES, GiftOptions
 
 __all__ = [
     "AGG_MODES", "ALGORITHMS", "BASELINES", "GiftOptions", "GroupFilter", "GroupStatisticsFn", "LossBatch", "LossFn",
