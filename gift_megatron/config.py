@@ -72,7 +72,7 @@ def _finite(section: str, config: DataclassInstance) -> None:
         for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
             if isinstance(item, float) and not math.isfinite(item):
                 key = _key(section, f.name) + ("" if i is None else f"[{i}]")
-                default = "" if f.default is MISSING else f" (default {f.default!r})"
+                default = {MISSING: "", None: " (or null: the default)"}.get(f.default, f" (default {f.default!r})")
                 raise ValueError(f"{key}={item!r} must be finite, not nan or inf: set a number{default}")
 
 
@@ -247,7 +247,8 @@ class AlgoConfig:
     the samples' implicit rewards together, towards the baseline)."""
     reference_refresh_every: int | None = None
     """GIFT/KL: every N steps the reference becomes a copy of the current policy (0: frozen initial
-    policy, the paper's and every baseline's; None: 20 for GIFT, docs/gift_convergence.md, else 0).
+    policy, the paper's and every baseline's; None: 20 for GIFT with a reference, docs/gift_convergence.md,
+    else 0).
     Checkpoints then hold the reference too."""
     # PPO-style baselines (None: the algorithm's value, PER_ALGORITHM)
     clip_ratio_low: float | None = None
@@ -274,12 +275,17 @@ class AlgoConfig:
     def __post_init__(self) -> None:
         _finite("algo", self)
         _one_of("algo", "name", self.name, ALGORITHMS)
+        if self.reference_refresh_every is None and not self.needs_reference:
+            self.reference_refresh_every = 0  # no reference model to refresh (e.g. GIFT with baseline=proximal)
         for key, value in {**ALL_ALGORITHMS, **PER_ALGORITHM[self.name]}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         assert (self.reference_refresh_every is not None and self.clip_ratio_low is not None
                 and self.clip_ratio_high is not None and self.overlong_buffer_length is not None)
         _one_of("algo", "advantage", self.advantage, ("grpo", "drgrpo"))
+        if self.baseline == "old":
+            raise ValueError("algo.baseline=old is now algo.baseline=proximal (the same policy: the trainer's weights "
+                             "at the step's start, whose log-probs the batch holds as proximal_logp)")
         _one_of("algo", "baseline", self.baseline, BASELINES)
         if self.reference_refresh_every < 0:
             raise ValueError(f"algo.reference_refresh_every={self.reference_refresh_every}: use N >= 1 (every N "

@@ -349,3 +349,9 @@ def test_an_explicit_value_wins_over_the_algorithms_default():
     assert AlgoConfig(name="gspo", clip_ratio_low=0.1).clip_ratio_low == 0.1
     with pytest.raises(ValueError, match="algo.reference_refresh_every=20 but algo grpo uses no reference"):
         compose_config("algo=grpo", "algo.reference_refresh_every=20")
+
+
+def test_the_renamed_baseline_names_its_new_name():
+    with pytest.raises(ValueError, match="algo.baseline=old is now algo.baseline=proximal"):
+        compose_config("algo.baseline=old")
+    assert compose_config("algo.baseline=proximal").algo.needs_proximal_logprobs
