@@ -150,28 +150,25 @@ def gift_loss(
     information); the mean still divides by every sample, as GRPO's zero advantages do.
     """
     o = options
-    baseline, length_norm_power, detach_stats, implicit_std_floor, z_scale, skip_uninformative_groups, eps = (
-        o.baseline, o.length_norm_power, o.detach_stats, o.implicit_std_floor, o.z_scale, o.skip_uninformative_groups,
-        o.eps)
-    s_B = _implicit_reward(batch, baseline, length_norm_power)
+    s_B = _implicit_reward(batch, o.baseline, o.length_norm_power)
     index_B, whole = _needed(batch.group_index_B, "group_index_B"), batch.groups
     rewards_B, advantages_B = _needed(batch.rewards_B, "rewards_B"), _needed(batch.advantages_B, "advantages_B")
     if whole is None:  # this micro-batch holds whole groups (on every DP rank): statistics from it
         z_B, s_stats = group_zscore(
             s_B, index_B, batch.num_groups,
-            eps=eps, std_floor=implicit_std_floor, detach_stats=detach_stats, process_group=dp_group,
+            eps=o.eps, std_floor=o.implicit_std_floor, detach_stats=o.detach_stats, process_group=dp_group,
         )
         r_stats = group_stats(rewards_B, index_B, batch.num_groups, dp_group)
     else:  # taken over the whole mini-batch beforehand (see WholeGroups)
         s_stats, r_stats = whole.implicit, whole.rewards
-        z_B = zscore_with(s_B, s_stats, index_B, eps=eps, std_floor=implicit_std_floor)
-    z_B = z_scale * z_B
+        z_B = zscore_with(s_B, s_stats, index_B, eps=o.eps, std_floor=o.implicit_std_floor)
+    z_B = o.z_scale * z_B
     # Sample mean over the whole mini-batch: divide by the global sample count.
     sq_err_B = (advantages_B.to(torch.float64) - z_B).square()
-    if skip_uninformative_groups:
+    if o.skip_uninformative_groups:
         sq_err_B = sq_err_B * (r_stats.std_P[index_B] > 0)
     loss = sq_err_B.sum() / norm.num_samples
-    if whole is not None and not detach_stats:  # value 0; gradient through the group's mean and std
+    if whole is not None and not o.detach_stats:  # value 0; gradient through the group's mean and std
         s = s_B.to(torch.float64)
         loss = loss + ((s - s.detach()) * (whole.dmean_P[index_B] + whole.dstd_P[index_B]
                                            * (s.detach() - s_stats.mean_P[index_B]))).sum()
@@ -182,7 +179,7 @@ def gift_loss(
         metrics = {
             "implicit_reward_mean": s_B.detach().mean(),
             "implicit_std_median": s_stats.std_P.detach().median(),
-            "frac_groups_below_floor": (s_stats.std_P < implicit_std_floor).double().mean(),
+            "frac_groups_below_floor": (s_stats.std_P < o.implicit_std_floor).double().mean(),
             "z_abs_mean": z_B.detach().abs().mean(),
             **_percentiles(torch.log(beta_P[informative_P]), "log_beta"),
         }
@@ -211,24 +208,21 @@ def gift_group_statistics(
     """`WholeGroups` of a whole mini-batch (this rank's rows, every DP rank taking part), from log-probs
     at the current weights (`batch.logp_BT`, no gradient needed): gift_loss's options, same values."""
     o = options
-    baseline, length_norm_power, detach_stats, implicit_std_floor, z_scale, skip_uninformative_groups, eps = (
-        o.baseline, o.length_norm_power, o.detach_stats, o.implicit_std_floor, o.z_scale, o.skip_uninformative_groups,
-        o.eps)
     index_B, P = _needed(batch.group_index_B, "group_index_B"), batch.num_groups
-    s_B = _implicit_reward(batch, baseline, length_norm_power).to(torch.float64)
+    s_B = _implicit_reward(batch, o.baseline, o.length_norm_power).to(torch.float64)
     s, r = group_stats(s_B, index_B, P, dp_group), group_stats(_needed(batch.rewards_B, "rewards_B"), index_B, P,
                                                                dp_group)
     dmean_P, dstd_P = torch.zeros_like(s.mean_P), torch.zeros_like(s.mean_P)
-    if not detach_stats:
+    if not o.detach_stats:
         # L = sum_i w_i (A_i - z_i)^2 / N, z_i = k (s_i - mean) / D, D = max(std, floor) + eps.
-        D_P = s.std_P.clamp(min=implicit_std_floor) + eps
-        z_B = z_scale * zscore_with(s_B, s, index_B, eps=eps, std_floor=implicit_std_floor)
-        w_B = (r.std_P[index_B] > 0).double() if skip_uninformative_groups else torch.ones_like(s_B)
+        D_P = s.std_P.clamp(min=o.implicit_std_floor) + o.eps
+        z_B = o.z_scale * zscore_with(s_B, s, index_B, eps=o.eps, std_floor=o.implicit_std_floor)
+        w_B = (r.std_P[index_B] > 0).double() if o.skip_uninformative_groups else torch.ones_like(s_B)
         e_B = 2 * w_B * (_needed(batch.advantages_B, "advantages_B").to(torch.float64) - z_B) / norm.num_samples
-        dL_dmean_P = group_sum(e_B, index_B, P, dp_group) * z_scale / D_P  # dz_i/dmean = -k / D
+        dL_dmean_P = group_sum(e_B, index_B, P, dp_group) * o.z_scale / D_P  # dz_i/dmean = -k / D
         dL_dD_P = group_sum(e_B * z_B, index_B, P, dp_group) / D_P  # dz_i/dD = -z_i / D
         dmean_P = dL_dmean_P / s.count_P
-        moving = (s.std_P > implicit_std_floor) & (s.std_P > 0)  # the clamp passes no gradient below the floor
+        moving = (s.std_P > o.implicit_std_floor) & (s.std_P > 0)  # the clamp passes no gradient below the floor
         dstd_P = torch.where(moving, dL_dD_P / ((s.count_P - 1).clamp(min=1) * s.std_P.clamp(min=1e-300)),
                              torch.zeros_like(dstd_P))
     return WholeGroups(s, r, dmean_P, dstd_P)
